@@ -1,0 +1,1 @@
+"""Data preparation: synthetic and downloaded data sets for the distillation pipeline."""

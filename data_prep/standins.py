@@ -1,0 +1,244 @@
+"""Stand-ins for public checkpoints, trained on the Shapes world's own text and images.
+
+LLaVA-MoD's student starts from CLIP and Qwen; ours starts from these, written as ordinary transformers
+checkpoints so that the real loading code paths are the ones exercised:
+
+- ``tokenizer/``: a byte-level BPE trained with ``tokenizers`` on the world's corpus, ChatML special tokens;
+- ``llm_small/`` and ``llm_large/``: Qwen2-architecture causal LMs pretrained on the corpus;
+- ``vision_tower/``: a CLIP-architecture vision tower, trained contrastively (CLIP's loss) on image-caption
+  pairs, saved as ``CLIPVisionModel`` with its image processor.
+
+    python -m data_prep.standins --world runs/demo/world/data --out runs/demo/world
+
+Each checkpoint is written to a temporary folder and renamed into place when complete, so an interrupted
+build is redone, never half-used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionModel,
+    DataCollatorForLanguageModeling,
+    PreTrainedTokenizerFast,
+    Qwen2ForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from distill.data.templates import TEMPLATES
+from distill.models.tiny import LLMSize, VisionSize
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass
+class StandinConfig:
+    vocab_size: int = 512
+    small: LLMSize = field(default_factory=lambda: LLMSize(hidden_size=64, intermediate_size=192, num_hidden_layers=2))
+    large: LLMSize = field(
+        default_factory=lambda: LLMSize(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
+    )
+    vision: VisionSize = field(default_factory=VisionSize)
+    block_size: int = 128
+    llm_steps: int = 150
+    llm_batch_size: int = 16
+    llm_lr: float = 3e-3
+    vision_steps: int = 300
+    vision_batch_size: int = 64
+    vision_lr: float = 2e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, cls in (("small", LLMSize), ("large", LLMSize), ("vision", VisionSize)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls(**value))
+
+
+def _done(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "tokenizer.json").is_file()
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def _fresh_tmp(final: Path) -> Path:
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def train_tokenizer(corpus: Path, out: Path, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over the corpus, ChatML specials, the ChatML chat template (Qwen2-like)."""
+    if _done(out):
+        return PreTrainedTokenizerFast.from_pretrained(out)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    tok.train_from_iterator(lines, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=4096
+    )
+    fast.chat_template = TEMPLATES["chatml"].jinja
+    tmp = _fresh_tmp(out)
+    fast.save_pretrained(tmp)
+    _publish(tmp, out)
+    return fast
+
+
+def _padded_vocab(tokenizer: PreTrainedTokenizerFast) -> int:
+    # Room for the image token the student adds, rounded up as Qwen pads its vocab.
+    return ((len(tokenizer) + 1 + 63) // 64) * 64
+
+
+def pretrain_llm(corpus: Path, tokenizer_dir: Path, size: LLMSize, out: Path, cfg: StandinConfig) -> Path:
+    """Causal-LM pretraining on the world's text, packed into blocks."""
+    if _done(out):
+        return out
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ids: list[int] = []
+    for line in corpus.read_text(encoding="utf-8").splitlines():
+        ids.extend(tokenizer(line, add_special_tokens=False)["input_ids"] + [eot])
+    n = len(ids) // cfg.block_size
+    blocks = [{"input_ids": ids[i * cfg.block_size : (i + 1) * cfg.block_size]} for i in range(n)]
+    config = size.qwen2_config(
+        _padded_vocab(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(cfg.seed)
+    model = Qwen2ForCausalLM(config)
+    tmp = _fresh_tmp(out)
+    _fit(model, blocks, DataCollatorForLanguageModeling(tokenizer, mlm=False), tmp / "trainer",
+         cfg.llm_steps, cfg.llm_batch_size, cfg.llm_lr, cfg.seed)
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    log.info("pretrained %s: %d blocks of %d tokens", out.name, n, cfg.block_size)
+    return _publish(tmp, out)
+
+
+class _ClipCollator:
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, processor: CLIPImageProcessorPil, image_root: Path):
+        self.tokenizer, self.processor, self.image_root = tokenizer, processor, image_root
+        self.eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        texts = [self.tokenizer(r["caption"], add_special_tokens=False)["input_ids"][:62] + [self.eot] for r in records]
+        width = max(len(t) for t in texts)
+        ids = torch.full((len(texts), width), self.eot, dtype=torch.long)
+        mask = torch.zeros((len(texts), width), dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids[i, : len(t)] = torch.tensor(t)
+            mask[i, : len(t)] = 1
+        images = [Image.open(self.image_root / r["image"]).convert("RGB") for r in records]
+        pixels = self.processor(images, return_tensors="pt")["pixel_values"]
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "return_loss": True}
+
+
+def pretrain_vision_tower(world: Path, tokenizer_dir: Path, size: VisionSize, out: Path, cfg: StandinConfig) -> Path:
+    """CLIP-style contrastive training on (image, caption) pairs; keeps the vision half."""
+    if _done(out):
+        return out
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=size.hidden_size, intermediate_size=size.intermediate_size,
+        num_hidden_layers=2, num_attention_heads=size.num_attention_heads, max_position_embeddings=64,
+        eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, projection_dim=size.projection_dim,
+    )
+    config = CLIPConfig(
+        text_config=text_config.to_dict(), vision_config=size.clip_vision_config().to_dict(),
+        projection_dim=size.projection_dim,
+    )
+    torch.manual_seed(cfg.seed)
+    clip = CLIPModel(config)
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size.image_size}, crop_size={"height": size.image_size, "width": size.image_size}
+    )
+    captions = json.loads((world / "captions.json").read_text())
+    records = [{"image": r["image"], "caption": r["conversations"][1]["value"]} for r in captions]
+    tmp = _fresh_tmp(out)
+    _fit(clip, records, _ClipCollator(tokenizer, processor, world / "images"), tmp / "trainer",
+         cfg.vision_steps, cfg.vision_batch_size, cfg.vision_lr, cfg.seed)
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    vision = CLIPVisionModel(config.vision_config)
+    vision.load_state_dict(clip.vision_model.state_dict())
+    vision.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    return _publish(tmp, out)
+
+
+def _fit(model: torch.nn.Module, records: list[dict[str, Any]], collator: Any, out: Path, steps: int,
+         batch_size: int, lr: float, seed: int) -> None:
+    from datasets import Dataset
+
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_steps=max(steps // 20, 1), weight_decay=0.0,
+        logging_steps=max(steps // 5, 1),
+        save_strategy="no", report_to="none", seed=seed, remove_unused_columns=False, dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(records), data_collator=collator)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    log.info("%s: loss %s", type(model).__name__, " -> ".join(f"{x:.3f}" for x in losses))
+
+
+def build_standins(world: Path | str, out: Path | str, cfg: StandinConfig | None = None) -> dict[str, str]:
+    """Tokenizer, small and large LLMs, and the vision tower; already-built ones are kept."""
+    cfg = cfg or StandinConfig()
+    world, out = Path(world), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = world / "corpus.txt"
+    paths = {name: out / name for name in ("tokenizer", "llm_small", "llm_large", "vision_tower")}
+    train_tokenizer(corpus, paths["tokenizer"], cfg.vocab_size)
+    pretrain_llm(corpus, paths["tokenizer"], cfg.small, paths["llm_small"], cfg)
+    pretrain_llm(corpus, paths["tokenizer"], cfg.large, paths["llm_large"], cfg)
+    pretrain_vision_tower(world, paths["tokenizer"], cfg.vision, paths["vision_tower"], cfg)
+    (out / "standins.json").write_text(json.dumps(asdict(cfg), indent=1))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", type=Path, required=True, help="a folder written by data_prep.shapes")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    print(json.dumps(build_standins(args.world, args.out), indent=1))  # noqa: T201 - CLI output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The command line: ``python -m distill recipe=<name> [hydra overrides]`` (or the ``distill`` script).
+
+Recipes live in ``recipes/recipe/``; every key can be overridden, e.g.
+
+    python -m distill recipe=demo run.name=try2 stages.d2d.training.learning_rate=1e-4
+    python -m distill recipe=demo --cfg job          # print the composed config and exit
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+# Runs are offline by design: never reach for a hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@hydra.main(version_base="1.3", config_path=str(RECIPES), config_name="config")
+def _main(cfg: DictConfig) -> None:
+    from distill.pipeline import run_pipeline
+
+    logging.getLogger("distill").setLevel(logging.INFO)
+    run_pipeline(cfg)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: public formats (LLaVA conversation JSON, RLAIF-V preference pairs), chat templates, collators."""

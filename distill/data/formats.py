@@ -1,0 +1,235 @@
+"""Loaders for the public formats, into ``datasets.Dataset``, with every record checked up front.
+
+- LLaVA conversation JSON: a JSON list of ``{"id", "image", "conversations": [{"from": "human", "value":
+  "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]}`` plus an image folder; text-only records (no
+  ``image``) are allowed.
+- RLAIF-V preference pairs, parquet or JSON: ``question``, ``chosen``, ``rejected`` and ``image`` (a path in
+  the image folder, or the HF ``{"bytes": ..., "path": ...}`` struct).
+
+A bad record raises ``DataError`` naming the file and the record id, or, with ``on_bad_record="skip"``, is
+skipped and counted in the returned ``LoadStats`` (and logged). Nothing is dropped silently.
+
+    ds, stats = load_llava_json("data/instruct.json", image_root="data/images", on_bad_record="skip")
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<image>"
+ON_BAD_RECORD = ("error", "skip")
+
+
+class DataError(ValueError):
+    """A record that cannot be trained on; the message names the file and the record."""
+
+
+@dataclass
+class LoadStats:
+    path: str
+    total: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "total": self.total, "kept": self.kept, "skipped": dict(self.skipped)}
+
+
+def resolve_image(image_root: Path, rel: str) -> Path:
+    """The image's path, refusing anything that escapes the image folder (``..``, absolute paths, links)."""
+    root = image_root.resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise DataError(f"image path {rel!r} points outside the image folder {root}")
+    return path
+
+
+def open_image(image_root: Path | None, image: str | None, image_bytes: bytes | None = None) -> Image.Image:
+    """Open a record's image as RGB, from bytes or from a path inside ``image_root``."""
+    if image_bytes is not None:
+        return Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    if image_root is None:
+        raise DataError(f"record has image {image!r} but no image folder is configured")
+    return Image.open(resolve_image(image_root, image)).convert("RGB")
+
+
+def _check_image(image_root: Path | None, image: str | None, image_bytes: bytes | None, verify: bool) -> None:
+    try:
+        if image_bytes is not None:
+            if verify:
+                Image.open(io.BytesIO(image_bytes)).verify()
+            return
+        if image_root is None:
+            raise DataError("an image is given but no image folder is configured")
+        path = resolve_image(image_root, image)
+        if not path.is_file():
+            raise DataError(f"image {image!r} not found under {image_root}")
+        if verify:
+            with Image.open(path) as im:
+                im.verify()
+    except DataError:
+        raise
+    except Exception as err:  # PIL raises several types for unreadable files
+        raise DataError(f"image {image!r} is unreadable: {err}") from err
+
+
+def check_conversation(conversations: Any, has_image: bool) -> None:
+    """Roles alternate human/gpt starting with human, replies are non-empty, ``<image>`` sits where it must."""
+    if not isinstance(conversations, list) or not conversations:
+        raise DataError("'conversations' must be a non-empty list")
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise DataError(f"turn {i} must be an object with a string 'value'")
+        expected = "human" if i % 2 == 0 else "gpt"
+        if turn.get("from") != expected:
+            raise DataError(f"turn {i} is from {turn.get('from')!r}, expected {expected!r} (roles out of order)")
+        if expected == "gpt" and not turn["value"].strip():
+            raise DataError(f"turn {i} has an empty response")
+    if len(conversations) % 2:
+        raise DataError("the conversation ends with a human turn (no response to train on)")
+    counts = [t["value"].count(IMAGE_PLACEHOLDER) for t in conversations]
+    if has_image:
+        if sum(counts) != 1:
+            raise DataError(f"an image is given, so exactly one {IMAGE_PLACEHOLDER} is expected; found {sum(counts)}")
+        if counts[0] != 1:
+            raise DataError(f"{IMAGE_PLACEHOLDER} must be in the first human turn")
+    elif sum(counts):
+        raise DataError(f"{IMAGE_PLACEHOLDER} appears but the record has no image")
+
+
+def _validate_records(
+    records: list[dict[str, Any]],
+    path: Path,
+    check: Any,
+    on_bad_record: str,
+) -> tuple[list[dict[str, Any]], LoadStats]:
+    if on_bad_record not in ON_BAD_RECORD:
+        raise ValueError(f"data.on_bad_record={on_bad_record!r}: expected one of {ON_BAD_RECORD}")
+    stats = LoadStats(path=str(path), total=len(records))
+    kept = []
+    for idx, record in enumerate(records):
+        rid = record.get("id", f"#{idx}") if isinstance(record, dict) else f"#{idx}"
+        try:
+            if not isinstance(record, dict):
+                raise DataError("record is not an object")
+            kept.append(check(record))
+        except DataError as err:
+            if on_bad_record == "error":
+                raise DataError(f"{path}: record {rid}: {err}") from None
+            reason = str(err).split(":")[0]
+            stats.skipped[reason] += 1
+            log.warning("%s: record %s skipped: %s", path, rid, err)
+    stats.kept = len(kept)
+    if stats.skipped:
+        log.warning("%s: skipped %d of %d records: %s", path, sum(stats.skipped.values()), stats.total,
+                    dict(stats.skipped))
+    if not kept:
+        raise DataError(f"{path}: no usable records ({stats.total} read)")
+    return kept, stats
+
+
+def load_llava_json(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    on_bad_record: str = "error",
+    verify_images: bool = True,
+    limit: int | None = None,
+) -> tuple[Dataset, LoadStats]:
+    """Read LLaVA conversation JSON (or JSONL) into a Dataset with columns id, image, conversations."""
+    path = Path(path)
+    records = _read_json_records(path)
+    if limit is not None:
+        records = records[:limit]
+    root = Path(image_root) if image_root is not None else None
+
+    def check(record: dict[str, Any]) -> dict[str, Any]:
+        image = record.get("image")
+        if image is not None and not isinstance(image, str):
+            raise DataError("'image' must be a relative path string")
+        check_conversation(record.get("conversations"), has_image=image is not None)
+        if image is not None:
+            _check_image(root, image, None, verify_images)
+        return {
+            "id": str(record.get("id", "")),
+            "image": image,
+            "conversations": [{"from": t["from"], "value": t["value"]} for t in record["conversations"]],
+        }
+
+    kept, stats = _validate_records(records, path, check, on_bad_record)
+    return Dataset.from_list(kept), stats
+
+
+def load_preference(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    on_bad_record: str = "error",
+    verify_images: bool = True,
+    limit: int | None = None,
+) -> tuple[Dataset, LoadStats]:
+    """Read RLAIF-V-style pairs (parquet, JSON or JSONL) into id, image, image_bytes, question, chosen, rejected."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        records = Dataset.from_parquet(str(path)).to_list()
+    else:
+        records = _read_json_records(path)
+    if limit is not None:
+        records = records[:limit]
+    root = Path(image_root) if image_root is not None else None
+
+    def check(record: dict[str, Any]) -> dict[str, Any]:
+        for key in ("question", "chosen", "rejected"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                raise DataError(f"'{key}' is missing or empty")
+        if record["chosen"].strip() == record["rejected"].strip():
+            raise DataError("'chosen' and 'rejected' are identical")
+        if IMAGE_PLACEHOLDER in record["chosen"] or IMAGE_PLACEHOLDER in record["rejected"]:
+            raise DataError(f"{IMAGE_PLACEHOLDER} inside a response")
+        image, image_bytes = record.get("image"), None
+        if isinstance(image, dict):  # the HF Image feature as stored in parquet
+            image_bytes, image = image.get("bytes"), image.get("path")
+            if image_bytes is None and image is None:
+                raise DataError("'image' struct has neither bytes nor path")
+        elif isinstance(image, bytes):
+            image_bytes, image = image, None
+        if image is None and image_bytes is None and record.get("image_path"):
+            image = record["image_path"]
+        if image is not None or image_bytes is not None:
+            _check_image(root, image, image_bytes, verify_images)
+        question = record["question"].replace(IMAGE_PLACEHOLDER, "").strip()
+        return {
+            "id": str(record.get("id", record.get("idx", ""))),
+            "image": image if image_bytes is None else None,
+            "image_bytes": image_bytes,
+            "question": question,
+            "chosen": record["chosen"].strip(),
+            "rejected": record["rejected"].strip(),
+        }
+
+    kept, stats = _validate_records(records, path, check, on_bad_record)
+    return Dataset.from_list(kept), stats
+
+
+def _read_json_records(path: Path) -> list[Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    return data

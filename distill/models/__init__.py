@@ -1,0 +1,1 @@
+"""Model builders: the frozen teacher, the assembled student, upcycling, per-component trainability."""

@@ -1,0 +1,138 @@
+"""The student VLM: a vision tower + a projector + a small text LLM, as a standard transformers Llava model.
+
+Built from local checkpoints only:
+
+    model, processor = build_student(StudentParts(vision_tower="ckpt/clip", llm="ckpt/qwen2-small"))
+    save_artifact(model, processor, "runs/x/adapter_init/model")
+    model, processor = load_vlm("runs/x/adapter_init/model")   # plain AutoModelForImageTextToText
+
+The image token is added to the LLM's tokenizer (and the embedding matrix grows to match) when it lacks one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+# Only projectors that reload as a plain Llava model; token-compressing ones come with their own issue.
+PROJECTORS = ("mlp2x_gelu",)
+
+
+@dataclass
+class StudentParts:
+    """Where the student's parts come from (local paths) and how they are joined."""
+
+    vision_tower: str
+    llm: str
+    projector: str = "mlp2x_gelu"
+    vision_feature_layer: int = -2
+    """LLaVA takes the second-to-last layer's patch features."""
+    vision_feature_select_strategy: str = "default"
+    """``default`` drops the CLS token, ``full`` keeps it."""
+
+    def __post_init__(self) -> None:
+        for name in ("vision_tower", "llm"):
+            path = Path(getattr(self, name))
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"student.{name}: no transformers checkpoint at {path} (config.json missing)")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"student.projector={self.projector!r}: expected one of {PROJECTORS}")
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError("student.vision_feature_select_strategy must be 'default' or 'full'")
+
+
+def build_student(
+    parts: StudentParts, dtype: torch.dtype = torch.float32
+) -> tuple[LlavaForConditionalGeneration, ProcessorMixin]:
+    """Assemble a Llava student from a vision tower checkpoint and a text LLM checkpoint.
+
+    The vision tower and the LLM keep their pretrained weights; the projector is freshly initialised
+    (adapter init trains it).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(parts.llm)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    # AutoProcessor, not AutoImageProcessor: the latter insists on torchvision even for PIL processors.
+    image_processor = AutoProcessor.from_pretrained(parts.vision_tower)
+
+    vision = AutoModel.from_pretrained(parts.vision_tower, dtype=dtype)
+    llm = AutoModelForCausalLM.from_pretrained(parts.llm, dtype=dtype)
+    if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+        # Keep the padded size when the checkpoint already has room (Qwen pads its vocab to a multiple of 128).
+        llm.resize_token_embeddings(len(tokenizer))
+
+    vision_config = vision.config
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=llm.config,
+        image_token_index=image_token_id,
+        vision_feature_layer=parts.vision_feature_layer,
+        vision_feature_select_strategy=parts.vision_feature_select_strategy,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=llm.config.tie_word_embeddings,
+    )
+    model = LlavaForConditionalGeneration(config).to(dtype)
+    _load_exact(model.model.vision_tower, vision.state_dict(), "vision tower")
+    _load_exact(model.model.language_model, llm.model.state_dict(), "LLM")
+    _load_exact(model.lm_head, llm.lm_head.state_dict(), "LM head")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+
+    patch_tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=parts.vision_feature_select_strategy,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # CLIP's CLS token; dropped again by the "default" strategy
+    )
+    log.info("student assembled: %d image tokens, vocab %d", patch_tokens, len(tokenizer))
+    return model, processor
+
+
+def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    # Buffers such as position_ids may be absent from a checkpoint; real weights may not.
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"{what}: checkpoint does not fit the student (missing {missing}, unexpected {unexpected})")
+
+
+def load_vlm(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Load any image-text-to-text checkpoint and its processor from a local folder."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no transformers checkpoint at {path} (config.json missing)")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto")
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+def save_artifact(model: PreTrainedModel, processor: ProcessorMixin, path: str | Path) -> Path:
+    """Write a model and its processor as a plain transformers checkpoint (safetensors)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return path

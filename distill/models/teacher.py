@@ -1,0 +1,32 @@
+"""The teacher: any local image-text-to-text checkpoint with its processor, frozen by construction.
+
+    teacher, processor = load_teacher("ckpt/llava-qwen2-7b", dtype=torch.bfloat16)
+
+Frozen means: eval mode, every parameter with ``requires_grad=False``, and ``train()`` made a no-op so that
+no trainer can switch dropout back on. The teacher is never handed to an optimizer: stages keep it outside
+the model the Trainer owns.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+
+from distill.models.student import load_vlm
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Put ``model`` in eval mode for good and stop gradients into it."""
+    model.eval()
+    model.requires_grad_(False)
+    model.train = types.MethodType(lambda self, mode=True: self, model)
+    return model
+
+
+def load_teacher(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Load a frozen teacher and its processor from a local folder."""
+    model, processor = load_vlm(path, dtype=dtype)
+    return freeze(model), processor

@@ -1,0 +1,68 @@
+"""Tiny model configs for tests, the demo and the synthetic world's stand-in checkpoints.
+
+Every size here is a plain transformers config; nothing is downloaded. ``tiny_llava`` builds a random
+Llava-style VLM in one call, which the unit tests use as a fixture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+
+
+@dataclass(frozen=True)
+class LLMSize:
+    """Shape of a Qwen2-architecture text model."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = False
+
+    def qwen2_config(self, vocab_size: int, **overrides: object) -> Qwen2Config:
+        fields = {**self.__dict__, **overrides}
+        return Qwen2Config(vocab_size=vocab_size, rms_norm_eps=1e-6, rope_theta=10000.0, **fields)
+
+
+@dataclass(frozen=True)
+class VisionSize:
+    """Shape of a CLIP-architecture vision tower."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    image_size: int = 64
+    patch_size: int = 8
+    projection_dim: int = 64
+
+    def clip_vision_config(self) -> CLIPVisionConfig:
+        return CLIPVisionConfig(**self.__dict__)
+
+
+def tiny_llava(
+    vocab_size: int = 128,
+    image_token_id: int = 127,
+    llm: LLMSize | None = None,
+    vision: VisionSize | None = None,
+    seed: int = 0,
+) -> LlavaForConditionalGeneration:
+    """A random Llava model (CLIP tower + 2-layer GELU projector + Qwen2 LLM) for unit tests."""
+    import torch
+
+    llm = llm or LLMSize(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+    vision = vision or VisionSize(hidden_size=32, intermediate_size=64, num_attention_heads=2, image_size=32)
+    config = LlavaConfig(
+        vision_config=vision.clip_vision_config(),
+        text_config=llm.qwen2_config(vocab_size),
+        image_token_index=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config)

@@ -1,0 +1,125 @@
+"""Per-component trainability: each of vision tower / projector / LLM is ``frozen``, ``full`` or ``lora``.
+
+    apply_trainability(model, {"vision_tower": "frozen", "projector": "full", "llm": "lora"}, lora=LoraSpec())
+    log.info("\n%s", parameter_table(model))
+    ...train...
+    merge_lora(model)          # before save_pretrained: the artifact stays a plain transformers model
+
+Components are found by attribute path in the Llava layout (``model.vision_tower``, ``model.multi_modal_projector``,
+``model.language_model`` + ``lm_head``); MoE students add ``experts`` and ``router`` views over the LLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+MODES = ("frozen", "full", "lora")
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "vision_tower": ("model.vision_tower",),
+    "projector": ("model.multi_modal_projector",),
+    "llm": ("model.language_model", "lm_head"),
+}
+
+
+@dataclass
+class LoraSpec:
+    """LoRA settings used for components whose mode is ``lora``."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+def component_modules(model: nn.Module, component: str) -> list[nn.Module]:
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; expected one of {sorted(COMPONENTS)}")
+    mods = []
+    for path in COMPONENTS[component]:
+        try:
+            mods.append(model.get_submodule(path))
+        except AttributeError as err:
+            raise ValueError(f"{type(model).__name__} has no {path!r} for component {component!r}") from err
+    return mods
+
+
+def validate_modes(modes: dict[str, str]) -> None:
+    for comp, mode in modes.items():
+        if comp not in COMPONENTS:
+            raise ValueError(f"trainable.{comp}: unknown component; expected one of {sorted(COMPONENTS)}")
+        if mode not in MODES:
+            raise ValueError(f"trainable.{comp}={mode!r}: expected one of {MODES}")
+
+
+def apply_trainability(model: nn.Module, modes: dict[str, str], lora: LoraSpec | None = None) -> None:
+    """Freeze everything, then open up each component as its mode says. Unlisted components stay frozen."""
+    validate_modes(modes)
+    model.requires_grad_(False)
+    for comp, mode in modes.items():
+        for mod in component_modules(model, comp):
+            if mode == "full":
+                mod.requires_grad_(True)
+            elif mode == "lora":
+                _add_lora(mod, lora or LoraSpec())
+
+
+def _add_lora(module: nn.Module, spec: LoraSpec) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = {n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    targets = [t for t in spec.target_modules if t in names]
+    if not targets:
+        return  # e.g. lm_head: no LoRA target inside; it stays frozen
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
+    inject_adapter_in_model(config, module)
+    for name, param in module.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA adapter into its base layer and remove it; returns how many layers were merged."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer):
+            mod.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, mod.get_base_layer())
+            merged += 1
+    return merged
+
+
+def parameter_table(model: nn.Module) -> str:
+    """A table of total and trainable parameters per component (plus whatever sits outside them)."""
+    seen: set[int] = set()
+    rows = []
+    for comp in COMPONENTS:
+        total = trainable = 0
+        for mod in component_modules(model, comp):
+            for p in mod.parameters():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                total += p.numel()
+                trainable += p.numel() if p.requires_grad else 0
+        rows.append((comp, total, trainable))
+    rest = [p for p in model.parameters() if id(p) not in seen]
+    if rest:
+        rows.append(("other", sum(p.numel() for p in rest), sum(p.numel() for p in rest if p.requires_grad)))
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    lines = [f"{'component':<14}{'params':>14}{'trainable':>14}{'%':>8}"]
+    for comp, total, trainable in rows:
+        pct = 100.0 * trainable / total if total else 0.0
+        lines.append(f"{comp:<14}{total:>14,}{trainable:>14,}{pct:>8.1f}")
+    return "\n".join(lines)
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,1 @@
+"""Plain functions and Trainer plumbing shared by the stages."""

@@ -1,0 +1,75 @@
+"""Config pieces shared by several stages, validated in ``__post_init__``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.data.formats import ON_BAD_RECORD
+from distill.data.templates import get_template
+from distill.models.student import StudentParts
+from distill.models.trainable import LoraSpec, validate_modes
+
+
+@dataclass
+class DataConfig:
+    """A training set in LLaVA conversation JSON (one or several files sharing an image folder)."""
+
+    train: list[str]
+    image_root: str | None = None
+    template: str = "chatml"
+    max_length: int = 2048
+    on_bad_record: str = "error"
+    """``error``: stop at the first bad record, naming file and record; ``skip``: skip it and count it."""
+    verify_images: bool = True
+    """Decode every image once at load time (catches truncated files before training starts)."""
+    limit: int | None = None
+    """Read at most this many records per file (quick runs)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        if not self.train:
+            raise ValueError("data.train: at least one file is needed")
+        for path in self.train:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"data.train: {path} does not exist")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise FileNotFoundError(f"data.image_root: {self.image_root} is not a folder")
+        if self.on_bad_record not in ON_BAD_RECORD:
+            raise ValueError(f"data.on_bad_record={self.on_bad_record!r}: expected one of {ON_BAD_RECORD}")
+        if self.max_length <= 0:
+            raise ValueError("data.max_length must be positive")
+        get_template(self.template)
+
+
+@dataclass
+class ModelInit:
+    """Where a stage's model comes from: an earlier artifact, or parts to assemble (exactly one)."""
+
+    artifact: str | None = None
+    parts: StudentParts | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.parts, dict):
+            self.parts = StudentParts(**self.parts)
+        if (self.artifact is None) == (self.parts is None):
+            raise ValueError("model: give exactly one of 'artifact' (a checkpoint folder) or 'parts'")
+        if self.artifact is not None and not (Path(self.artifact) / "config.json").is_file():
+            raise FileNotFoundError(f"model.artifact: no checkpoint at {self.artifact}")
+
+
+def as_dataclass(value: Any, cls: type) -> Any:
+    """Hydra hands nested blocks over as dicts; turn them into their dataclass once."""
+    return cls(**value) if isinstance(value, dict) else value
+
+
+@dataclass
+class Trainability:
+    modes: dict[str, str] = field(default_factory=dict)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+
+    def __post_init__(self) -> None:
+        validate_modes(self.modes)
+        self.lora = as_dataclass(self.lora, LoraSpec)

@@ -1,0 +1,29 @@
+"""What the pipeline hands to a stage: where to write, the merged trainer settings, and earlier artifacts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class StageContext:
+    name: str
+    """The stage's name in the recipe (also its folder under the run)."""
+    run_dir: Path
+    training: dict[str, Any] = field(default_factory=dict)
+    """TrainingArguments kwargs: the recipe's ``trainer`` defaults merged with the stage's ``training``."""
+
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def model_dir(self) -> Path:
+        """Where this stage writes its model artifact."""
+        return self.dir / "model"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoints"

@@ -1,0 +1,94 @@
+"""Shared pieces of the stages: load the model a stage starts from, read its data, train, save the artifact."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from datasets import Dataset, concatenate_datasets
+from transformers import PreTrainedModel, ProcessorMixin
+
+from distill.data.collate import ConversationEncoder, SupervisedCollator
+from distill.data.formats import load_llava_json
+from distill.data.templates import get_template
+from distill.losses.ce import response_ce
+from distill.models.student import build_student, load_vlm, save_artifact
+from distill.models.trainable import apply_trainability, merge_lora, parameter_table
+from distill.training.config import DataConfig, ModelInit, Trainability
+from distill.training.context import StageContext
+from distill.training.trainer import DistillTrainer, LossFn, last_checkpoint, training_arguments
+
+log = logging.getLogger(__name__)
+
+
+def load_model(init: ModelInit) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The trainable model in fp32 master weights (mixed precision comes from the trainer settings)."""
+    if init.artifact is not None:
+        return load_vlm(init.artifact, dtype=torch.float32)
+    return build_student(init.parts, dtype=torch.float32)
+
+
+def load_conversations(data: DataConfig) -> tuple[Dataset, list[dict[str, Any]]]:
+    parts, stats = [], []
+    for path in data.train:
+        ds, st = load_llava_json(path, data.image_root, data.on_bad_record, data.verify_images, data.limit)
+        parts.append(ds)
+        stats.append(st.as_dict())
+        log.info("%s: %d records kept of %d", path, st.kept, st.total)
+    return concatenate_datasets(parts) if len(parts) > 1 else parts[0], stats
+
+
+def ce_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
+    labels = inputs["labels"]
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels" and not k.startswith("teacher_")}
+    logits = model(**model_inputs).logits
+    ce = response_ce(logits, labels, num_items_in_batch)
+    return ce, {"ce": ce}
+
+
+def train(
+    ctx: StageContext,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    dataset: Dataset,
+    collator: SupervisedCollator,
+    loss_fn: LossFn,
+    trainer_cls: type[DistillTrainer] = DistillTrainer,
+    **trainer_kwargs: Any,
+) -> dict[str, Any]:
+    """Run the Trainer (resuming from this stage's last checkpoint if one exists) and save the artifact."""
+    args = training_arguments(ctx.training, ctx.checkpoint_dir)
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, loss_fn=loss_fn, **trainer_kwargs
+    )
+    resume = last_checkpoint(ctx.checkpoint_dir)
+    if resume:
+        log.info("resuming %s from %s", ctx.name, resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    merge_lora(model)
+    save_artifact(model, processor, ctx.model_dir)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    return {
+        "train_loss": result.training_loss,
+        "first_logged": history[0] if history else None,
+        "last_logged": history[-1] if history else None,
+        "global_step": trainer.state.global_step,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+    }
+
+
+def supervised_stage(
+    ctx: StageContext, init: ModelInit, data: DataConfig, trainable: Trainability, train_on: str = "responses"
+) -> dict[str, Any]:
+    """Cross-entropy training of the components that ``trainable`` opens; the rest stays bit-identical."""
+    model, processor = load_model(init)
+    template = get_template(data.template)
+    processor.chat_template = template.jinja or None
+    apply_trainability(model, trainable.modes, trainable.lora)
+    log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
+    dataset, stats = load_conversations(data)
+    encoder = ConversationEncoder(processor, template, data.max_length, train_on=train_on)
+    collator = SupervisedCollator(encoder, data.image_root)
+    metrics = train(ctx, model, processor, dataset, collator, ce_loss)
+    return {**metrics, "data": stats}

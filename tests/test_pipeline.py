@@ -1,0 +1,53 @@
+"""The pipeline runs a recipe's stages, writes config/metrics/DONE per stage, and skips finished ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from distill.cli import RECIPES
+from distill.pipeline import run_pipeline, validate
+
+
+def _cfg(run_dir: Path, tiny: list[str], *extra: str):
+    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
+        return compose("config", overrides=["recipe=demo", f"run.dir={run_dir}", *tiny, *extra])
+
+
+def test_finished_stage_is_skipped(tmp_path, tiny_recipe):
+    cfg = _cfg(tmp_path, tiny_recipe, "pipeline=[world]")
+    run_pipeline(cfg)
+    stage = tmp_path / "world"
+    assert (stage / "DONE").is_file() and (stage / "config.yaml").is_file()
+    first = (stage / "metrics.json").stat().st_mtime_ns
+    results = run_pipeline(cfg)
+    assert (stage / "metrics.json").stat().st_mtime_ns == first  # not rerun
+    assert results["world"] == json.loads((stage / "metrics.json").read_text())
+    (stage / "DONE").unlink()
+    run_pipeline(cfg)
+    assert (stage / "metrics.json").stat().st_mtime_ns != first  # rerun once the marker is gone
+
+
+def test_recipe_validation_names_the_problem(tmp_path, tiny_recipe):
+    with pytest.raises(ValueError, match="no entry under 'stages'"):
+        validate(_cfg(tmp_path, tiny_recipe, "pipeline=[world,nosuchstage]"))
+    with pytest.raises(ValueError, match="listed twice"):
+        validate(_cfg(tmp_path, tiny_recipe, "pipeline=[world,world]"))
+
+
+def test_cli_runs_the_demo_recipe_end_to_end(tmp_path, tiny_recipe):
+    """The real entry point, in a subprocess, on tiny models: every stage finishes and the table is printed."""
+    cmd = [sys.executable, "-m", "distill", "recipe=demo", f"run.dir={tmp_path}", *tiny_recipe]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("world", "teacher", "adapter_init", "eval"):
+        assert (tmp_path / stage / "DONE").is_file(), stage
+    assert (tmp_path / "teacher" / "model" / "model.safetensors").is_file()
+    assert "| model |" in proc.stdout and "| teacher |" in proc.stdout
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [r["model"] for r in rows] == ["teacher", "adapter_init"]
