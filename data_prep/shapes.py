@@ -220,7 +220,7 @@ class WorldPreset:
     """Size knobs of a generated world; any field can be overridden in ``build_world(**overrides)``."""
 
     name: str
-    image_size: int = 64
+    image_size: int = 96
     n_train_images: int = 1500
     n_eval_images: int = 200
     min_objects: int = 1
@@ -317,7 +317,7 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[list[tupl
     raise ValueError(f"no polygon for shape {shape!r}")
 
 
-def render_scene(scene: Scene, image_size: int = 64, rng: random.Random | None = None) -> Image.Image:
+def render_scene(scene: Scene, image_size: int = 96, rng: random.Random | None = None) -> Image.Image:
     """Draw ``scene`` as an RGB image; ``rng`` adds a small in-cell jitter (none when ``None``).
 
     Shapes are drawn supersampled and box-downsampled for anti-aliased edges at small sizes. Radius plus

@@ -6,7 +6,11 @@ checkpoints so that the real loading code paths are the ones exercised:
 - ``tokenizer/``: a byte-level BPE trained with ``tokenizers`` on the world's corpus, ChatML special tokens;
 - ``llm_small/`` and ``llm_large/``: Qwen2-architecture causal LMs pretrained on the corpus;
 - ``vision_tower/``: a CLIP-architecture vision tower, trained contrastively (CLIP's loss) on image-caption
-  pairs, saved as ``CLIPVisionModel`` with its image processor.
+  pairs plus a dense auxiliary loss (each patch token predicts the colour and shape of the object under its
+  centre, or "none"), saved as ``CLIPVisionModel`` with its image processor. The dense term stands in for
+  what 400M pairs give real CLIP: patch features in which objects' attributes are linearly readable with
+  wide margins. Contrastive training alone on a thousand pairs leaves them readable but ill-conditioned, and
+  a small VLM on top then needs far more steps than a CPU demo has to learn to read them.
 
     python -m data_prep.standins --world runs/demo/world/data --out runs/demo/world
 
@@ -90,8 +94,26 @@ def _fresh_tmp(final: Path) -> Path:
     return tmp
 
 
-def train_tokenizer(corpus: Path, out: Path, vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE over the corpus, ChatML specials, the ChatML chat template (Qwen2-like)."""
+def chat_documents(world: Path) -> list[str]:
+    """The world's captions and conversations rendered with the ChatML template, image placeholders removed.
+
+    The stand-in LLMs play chat-tuned LLMs (as Qwen2-Instruct): they see responses where a chat puts them,
+    right after ``<|im_start|>assistant\n``, so a response's first word is tokenized and trained as it will
+    be in the VLM. (Plain sentences alone would teach only the word after a space.)
+    """
+    template = TEMPLATES["chatml"]
+    docs = []
+    for name in ("captions.json", "instruct.json"):
+        for record in json.loads((world / name).read_text()):
+            turns = [{"from": t["from"], "value": t["value"].replace("<image>\n", "").replace("<image>", "")}
+                     for t in record["conversations"]]
+            docs.append("".join(text for text, _ in template.segments(turns)))
+    docs.extend((world / "corpus.txt").read_text(encoding="utf-8").splitlines())
+    return docs
+
+
+def train_tokenizer(documents: list[str], out: Path, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over the documents, ChatML specials, the ChatML chat template (Qwen2-like)."""
     if _done(out):
         return PreTrainedTokenizerFast.from_pretrained(out)
     tok = Tokenizer(models.BPE())
@@ -100,8 +122,7 @@ def train_tokenizer(corpus: Path, out: Path, vocab_size: int) -> PreTrainedToken
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    lines = corpus.read_text(encoding="utf-8").splitlines()
-    tok.train_from_iterator(lines, trainer)
+    tok.train_from_iterator(documents, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=4096
     )
@@ -117,15 +138,15 @@ def _padded_vocab(tokenizer: PreTrainedTokenizerFast) -> int:
     return ((len(tokenizer) + 1 + 63) // 64) * 64
 
 
-def pretrain_llm(corpus: Path, tokenizer_dir: Path, size: LLMSize, out: Path, cfg: StandinConfig) -> Path:
+def pretrain_llm(documents: list[str], tokenizer_dir: Path, size: LLMSize, out: Path, cfg: StandinConfig) -> Path:
     """Causal-LM pretraining on the world's text, packed into blocks."""
     if _done(out):
         return out
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     ids: list[int] = []
-    for line in corpus.read_text(encoding="utf-8").splitlines():
-        ids.extend(tokenizer(line, add_special_tokens=False)["input_ids"] + [eot])
+    for doc in documents:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"] + [eot])
     n = len(ids) // cfg.block_size
     blocks = [{"input_ids": ids[i * cfg.block_size : (i + 1) * cfg.block_size]} for i in range(n)]
     config = size.qwen2_config(
@@ -148,9 +169,44 @@ def pretrain_llm(corpus: Path, tokenizer_dir: Path, size: LLMSize, out: Path, cf
     return _publish(tmp, out)
 
 
+class _ClipWithPatchHeads(torch.nn.Module):
+    """CLIP's contrastive loss plus per-patch colour and shape classification on the last layer's patches."""
+
+    def __init__(self, clip: CLIPModel, n_colors: int, n_shapes: int) -> None:
+        super().__init__()
+        self.clip = clip
+        hidden = clip.config.vision_config.hidden_size
+        self.color_head = torch.nn.Linear(hidden, n_colors + 1)
+        self.shape_head = torch.nn.Linear(hidden, n_shapes + 1)
+
+    def forward(self, input_ids, attention_mask, pixel_values, patch_colors, patch_shapes, return_loss=True):
+        out = self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                        return_loss=True, output_hidden_states=True)
+        patches = out.vision_model_output.hidden_states[-1][:, 1:]
+        dense = torch.nn.functional.cross_entropy(self.color_head(patches).flatten(0, 1), patch_colors.flatten())
+        dense = dense + torch.nn.functional.cross_entropy(self.shape_head(patches).flatten(0, 1),
+                                                          patch_shapes.flatten())
+        return {"loss": out.loss + dense}
+
+
+def _patch_labels(scene: dict[str, Any], grid: int) -> tuple[list[int], list[int]]:
+    """Label of each patch: the object whose 3x3 cell holds the patch centre (0 = none)."""
+    from data_prep.shapes import COLORS, SHAPES
+
+    cells = {(o["row"], o["col"]): o for o in scene["objects"]}
+    colors, shapes = [], []
+    for i in range(grid):
+        for j in range(grid):
+            obj = cells.get((int((i + 0.5) * 3 / grid), int((j + 0.5) * 3 / grid)))
+            colors.append(COLORS.index(obj["color"]) + 1 if obj else 0)
+            shapes.append(SHAPES.index(obj["shape"]) + 1 if obj else 0)
+    return colors, shapes
+
+
 class _ClipCollator:
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, processor: CLIPImageProcessorPil, image_root: Path):
-        self.tokenizer, self.processor, self.image_root = tokenizer, processor, image_root
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, processor: CLIPImageProcessorPil, image_root: Path,
+                 grid: int):
+        self.tokenizer, self.processor, self.image_root, self.grid = tokenizer, processor, image_root, grid
         self.eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
     def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -163,7 +219,10 @@ class _ClipCollator:
             mask[i, : len(t)] = 1
         images = [Image.open(self.image_root / r["image"]).convert("RGB") for r in records]
         pixels = self.processor(images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "return_loss": True}
+        labels = [_patch_labels(r["scene"], self.grid) for r in records]
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+                "patch_colors": torch.tensor([c for c, _ in labels]),
+                "patch_shapes": torch.tensor([s for _, s in labels])}
 
 
 def pretrain_vision_tower(world: Path, tokenizer_dir: Path, size: VisionSize, out: Path, cfg: StandinConfig) -> Path:
@@ -187,9 +246,18 @@ def pretrain_vision_tower(world: Path, tokenizer_dir: Path, size: VisionSize, ou
         size={"shortest_edge": size.image_size}, crop_size={"height": size.image_size, "width": size.image_size}
     )
     captions = json.loads((world / "captions.json").read_text())
-    records = [{"image": r["image"], "caption": r["conversations"][1]["value"]} for r in captions]
+    scenes = {}
+    for line in (world / "scenes" / "train.jsonl").read_text().splitlines():
+        scene = json.loads(line)
+        scenes[scene["image"]] = scene
+    records = [{"image": r["image"], "caption": r["conversations"][1]["value"], "scene": scenes[r["image"]]}
+               for r in captions]
+    from data_prep.shapes import COLORS, SHAPES
+
+    model = _ClipWithPatchHeads(clip, len(COLORS), len(SHAPES))
+    grid = size.image_size // size.patch_size
     tmp = _fresh_tmp(out)
-    _fit(clip, records, _ClipCollator(tokenizer, processor, world / "images"), tmp / "trainer",
+    _fit(model, records, _ClipCollator(tokenizer, processor, world / "images", grid), tmp / "trainer",
          cfg.vision_steps, cfg.vision_batch_size, cfg.vision_lr, cfg.seed)
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     vision = CLIPVisionModel(config.vision_config)
@@ -221,11 +289,11 @@ def build_standins(world: Path | str, out: Path | str, cfg: StandinConfig | None
     cfg = cfg or StandinConfig()
     world, out = Path(world), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = world / "corpus.txt"
+    documents = chat_documents(world)
     paths = {name: out / name for name in ("tokenizer", "llm_small", "llm_large", "vision_tower")}
-    train_tokenizer(corpus, paths["tokenizer"], cfg.vocab_size)
-    pretrain_llm(corpus, paths["tokenizer"], cfg.small, paths["llm_small"], cfg)
-    pretrain_llm(corpus, paths["tokenizer"], cfg.large, paths["llm_large"], cfg)
+    train_tokenizer(documents, paths["tokenizer"], cfg.vocab_size)
+    pretrain_llm(documents, paths["tokenizer"], cfg.small, paths["llm_small"], cfg)
+    pretrain_llm(documents, paths["tokenizer"], cfg.large, paths["llm_large"], cfg)
     pretrain_vision_tower(world, paths["tokenizer"], cfg.vision, paths["vision_tower"], cfg)
     (out / "standins.json").write_text(json.dumps(asdict(cfg), indent=1))
     return {k: str(v) for k, v in paths.items()}

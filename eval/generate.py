@@ -42,6 +42,7 @@ class Generator:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.encoder = ConversationEncoder(processor, get_template(template), max_length=1 << 20)
+        self.processor = processor
         self.tokenizer = processor.tokenizer
         self.batch_size = batch_size
         self.progress = progress

@@ -56,7 +56,7 @@ def cpu_training() -> dict:
     """TrainingArguments for a few quick CPU steps."""
     return {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "use_cpu": True,
             "report_to": "none", "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True,
-            "dataloader_num_workers": 0, "lr_scheduler_type": "constant", "seed": 0}
+            "dataloader_num_workers": 0, "dataloader_pin_memory": False, "lr_scheduler_type": "constant", "seed": 0}
 
 
 @pytest.fixture

@@ -36,8 +36,9 @@ class VisionSize:
     intermediate_size: int = 128
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
-    image_size: int = 64
-    patch_size: int = 8
+    image_size: int = 96
+    patch_size: int = 32
+    """96 / 32: a 3x3 patch grid, one patch per cell of the Shapes world's grid."""
     projection_dim: int = 64
 
     def clip_vision_config(self) -> CLIPVisionConfig:

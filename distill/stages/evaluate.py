@@ -18,7 +18,12 @@ from typing import Any
 
 import torch
 
+from distill.data.collate import ConversationEncoder, SupervisedCollator
+from distill.data.formats import IMAGE_PLACEHOLDER
 from distill.data.templates import get_template
+from distill.losses.kd import kd_loss, paired_positions
+from distill.models.student import load_vlm
+from distill.training.kd import split_inputs
 from eval.generate import Generator
 from eval.metrics import chair_metrics, pope_metrics, vqa_accuracy
 from eval.report import markdown_table, write_report
@@ -44,6 +49,8 @@ class EvalConfig:
     chair: str | None = "eval/chair.jsonl"
     chair_synonyms: str | None = "eval/chair_synonyms.json"
     caption_prompt: str = "Describe the image briefly."
+    kl_reference: str | None = None
+    """A teacher artifact: adds ``kl_teacher``, the forward KL(teacher || model) on the VQA answers."""
     limit: int | None = None
     """At most this many items per benchmark file (quick runs)."""
     batch_size: int = 32
@@ -61,6 +68,10 @@ class EvalConfig:
         for rel in [self.vqa, self.chair, self.chair_synonyms, *self.pope.values()]:
             if rel is not None and not (root / rel).is_file():
                 raise FileNotFoundError(f"eval: benchmark file {root / rel} not found")
+        if self.kl_reference is not None and not (Path(self.kl_reference) / "config.json").is_file():
+            raise FileNotFoundError(f"eval.kl_reference: no checkpoint at {self.kl_reference}")
+        if self.kl_reference is not None and self.vqa is None:
+            raise ValueError("eval.kl_reference needs eval.vqa (the KL is measured on its answers)")
         if (self.chair is None) != (self.chair_synonyms is None):
             raise ValueError("eval.chair and eval.chair_synonyms go together")
 
@@ -106,18 +117,53 @@ def evaluate_model(cfg: EvalConfig, gen: Generator, out_dir: Path) -> dict[str, 
     return row
 
 
+@torch.no_grad()
+def kl_to_reference(cfg: EvalConfig, model: torch.nn.Module, processor, reference, ref_processor) -> float:
+    """Mean forward KL(reference || model) per answer token, teacher-forced on the VQA questions and answers."""
+    items = _read_jsonl(Path(cfg.data_dir) / cfg.vqa, cfg.limit)
+    records = [{"id": str(r["question_id"]), "image": r.get("image"), "conversations": [
+        {"from": "human", "value": (f"{IMAGE_PLACEHOLDER}\n" if r.get("image") else "") + r["question"]},
+        {"from": "gpt", "value": r["answer"] if isinstance(r["answer"], str) else r["answer"][0]}]} for r in items]
+    template = get_template(cfg.template)
+    collator = SupervisedCollator(
+        ConversationEncoder(processor, template, max_length=1 << 20), cfg.image_root,
+        teacher=ConversationEncoder(ref_processor, template, max_length=1 << 20),
+    )
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(records), cfg.batch_size):
+        batch = {k: v.to(device) for k, v in collator(records[start : start + cfg.batch_size]).items()}
+        s_mask, t_mask, _ = paired_positions(batch["labels"], batch["teacher_labels"])
+        s = model(**split_inputs(batch)).logits[s_mask]
+        t_in = split_inputs(batch, "teacher_")
+        if "pixel_values" in t_in:
+            t_in["pixel_values"] = t_in["pixel_values"].to(reference.dtype)
+        t = reference(**t_in).logits[t_mask]
+        total += float(kd_loss(s, t)) * s.size(0)
+        count += s.size(0)
+    return total / max(count, 1)
+
+
 def run(cfg: EvalConfig, ctx: Any) -> dict[str, Any]:
     rows = []
+    reference = None
+    if cfg.kl_reference is not None:
+        reference = load_vlm(cfg.kl_reference, dtype=torch.float32)
+        reference[0].to("cuda" if torch.cuda.is_available() else "cpu").eval()
     for label, path in cfg.models.items():
         log.info("evaluating %s (%s)", label, path)
         gen = Generator.from_artifact(path, cfg.template, batch_size=cfg.batch_size)
-        rows.append({"model": label, **evaluate_model(cfg, gen, ctx.dir / label)})
+        row = {"model": label, **evaluate_model(cfg, gen, ctx.dir / label)}
+        if reference is not None:
+            gen.model.float()
+            row["kl_teacher"] = kl_to_reference(cfg, gen.model, gen.processor, *reference)
+        rows.append(row)
         del gen
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     write_report(rows, ctx.dir, ["vqa_acc", "pope_f1", "chair_i"])
-    headline = ["model", "vqa_acc", "pope_f1", "pope_adversarial_f1", "chair_s", "chair_i", "tokens_per_s",
-                "params_m"]
+    headline = ["model", "vqa_acc", "kl_teacher", "pope_f1", "pope_adversarial_f1", "chair_s", "chair_i",
+                "tokens_per_s", "params_m"]
     table = markdown_table(rows, columns=[c for c in headline if any(c in r for r in rows)])
     log.info("evaluation (%s):\n%s", ctx.dir / "results.md", table)
     return {"rows": rows}

@@ -99,7 +99,7 @@ def test_idempotent_and_regenerates_on_change(tmp_path: Path) -> None:
 def test_manifest_contents(world: Path) -> None:
     m = json.loads((world / "manifest.json").read_text())
     assert m["seed"] == 0 and m["preset"] == "demo" and m["overrides"] == SMALL
-    assert m["n_train_images"] == 40 and m["image_size"] == 64
+    assert m["n_train_images"] == 40 and m["image_size"] == 96
     assert m["counts"]["images/train"] == 40 and m["counts"]["captions.json"] == 40
     for rel, digest in m["sha256"].items():
         assert hashlib.sha256((world / rel).read_bytes()).hexdigest() == digest
@@ -188,7 +188,7 @@ def test_images_exist_and_open_at_size(world: Path) -> None:
     assert len(paths) == 52
     for rel in paths:
         with Image.open(world / "images" / rel) as img:
-            assert img.size == (64, 64) and img.mode == "RGB"
+            assert img.size == (96, 96) and img.mode == "RGB"
 
 
 def test_corpus_is_one_document_per_line(world: Path) -> None:

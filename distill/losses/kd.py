@@ -1,0 +1,214 @@
+"""Knowledge-distillation losses: forward / reverse KL, generalized JSD, total variation; plain and chunked.
+
+Plain, on aligned logits (the reference implementation, and what tests compare against):
+
+    loss = kd_loss(student_logits, teacher_logits, mask, KDOptions(divergence="forward_kl"))
+
+Chunked, from the last hidden states through both LM heads, a chunk of tokens at a time, never holding
+[tokens, vocab] logits of both models at once (same values and gradients as the plain version):
+
+    loss, kd, ce = chunked_kd_loss(h_student, lm_head_s, h_teacher, lm_head_t, targets, options, alpha=1.0)
+
+Conventions: softmax in fp32; temperature tau divides both models' logits and the loss is scaled by tau^2;
+vocabularies that differ by padding are cut to the common range; the sum over tokens is divided by
+``num_items_in_batch`` when given (exact under gradient accumulation), else by the number of tokens; zero
+tokens give 0, not NaN.
+
+Teacher top-k (``top_k``): both distributions are reduced to the teacher's k most likely tokens, either
+renormalised over them (``tail_bucket=False``) or with one extra bucket holding the rest of the mass
+(``tail_bucket=True``); the divergence is then taken between the reduced distributions.
+
+``paired_positions`` pairs the teacher's and the student's response positions through their label masks, so
+the two models may see different numbers of image tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distill.losses.ce import IGNORE_INDEX, normalise
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+_LOG_FLOOR = -1e30  # keeps 0 * log 0 at 0 instead of NaN
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    """JSD mixing weight: the mixture is beta * teacher + (1 - beta) * student (TRL's convention)."""
+    top_k: int | None = None
+    tail_bucket: bool = False
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"kd.divergence={self.divergence!r}: expected one of {DIVERGENCES}")
+        if self.temperature <= 0:
+            raise ValueError("kd.temperature must be positive")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError("kd.beta must lie in [0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("kd.top_k must be at least 1 (or null for the full vocabulary)")
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, floored instead of -inf."""
+    return torch.log((-torch.expm1(x.clamp(max=0.0))).clamp_min(1e-30))
+
+
+def _reduce_top_k(s_logp: torch.Tensor, t_logp: torch.Tensor, k: int, tail: bool):
+    t_top, idx = t_logp.topk(min(k, t_logp.size(-1)), dim=-1)
+    s_top = s_logp.gather(-1, idx)
+    if tail:
+        t_rest = _log1mexp(torch.logsumexp(t_top, -1, keepdim=True))
+        s_rest = _log1mexp(torch.logsumexp(s_top, -1, keepdim=True))
+        return torch.cat([s_top, s_rest], -1), torch.cat([t_top, t_rest], -1)
+    return s_top - torch.logsumexp(s_top, -1, keepdim=True), t_top - torch.logsumexp(t_top, -1, keepdim=True)
+
+
+def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, opts: KDOptions) -> torch.Tensor:
+    """Per-token divergence, shape [N], from [N, V] logits of both models (fp32 inside)."""
+    vocab = min(student_logits.size(-1), teacher_logits.size(-1))
+    tau = opts.temperature
+    s_logp = F.log_softmax(student_logits[..., :vocab].float() / tau, dim=-1)
+    t_logp = F.log_softmax(teacher_logits[..., :vocab].float() / tau, dim=-1)
+    if opts.top_k is not None:
+        s_logp, t_logp = _reduce_top_k(s_logp, t_logp, opts.top_k, opts.tail_bucket)
+    s_logp, t_logp = s_logp.clamp_min(_LOG_FLOOR), t_logp.clamp_min(_LOG_FLOOR)
+    if opts.divergence == "forward_kl":
+        div = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    elif opts.divergence == "reverse_kl":
+        div = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    elif opts.divergence == "tvd":
+        div = 0.5 * (s_logp.exp() - t_logp.exp()).abs().sum(-1)
+    else:
+        beta = opts.beta
+        if beta == 0.0:
+            div = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+        elif beta == 1.0:
+            div = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+        else:
+            mix = torch.logsumexp(torch.stack([s_logp + math.log1p(-beta), t_logp + math.log(beta)]), dim=0)
+            kl_t = (t_logp.exp() * (t_logp - mix)).sum(-1)
+            kl_s = (s_logp.exp() * (s_logp - mix)).sum(-1)
+            div = beta * kl_t + (1 - beta) * kl_s
+    return div * tau**2
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    opts: KDOptions | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Divergence summed over the positions in ``mask`` (all if None), then normalised."""
+    opts = opts or KDOptions()
+    if mask is not None:
+        student_logits, teacher_logits = student_logits[mask], teacher_logits[mask]
+    s = student_logits.reshape(-1, student_logits.size(-1))
+    t = teacher_logits.reshape(-1, teacher_logits.size(-1))
+    total = token_divergence(s, t, opts).sum()
+    return normalise(total, s.size(0), num_items_in_batch)
+
+
+def shifted_response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: positions whose logits predict a labelled next token (the last position never does)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def paired_positions(student_labels: torch.Tensor, teacher_labels: torch.Tensor):
+    """Matching (row, position) index pairs of the student's and the teacher's response predictions.
+
+    Returns ``(student_mask, teacher_mask, targets)``: boolean [B, T_s] and [B, T_t] masks selecting the same
+    response tokens in the same order, and the target token ids [N]. Raises if the response tokens differ.
+    """
+    s_mask, t_mask = shifted_response_mask(student_labels), shifted_response_mask(teacher_labels)
+    s_rows, t_rows = s_mask.sum(1), t_mask.sum(1)
+    if not torch.equal(s_rows.cpu(), t_rows.cpu()):
+        raise ValueError(
+            f"teacher and student have different response lengths per sample ({t_rows.tolist()} vs "
+            f"{s_rows.tolist()}): their tokenizers must give the same ids on the response"
+        )
+    s_targets = student_labels[:, 1:][s_mask[:, :-1]]
+    t_targets = teacher_labels[:, 1:][t_mask[:, :-1]]
+    if not torch.equal(s_targets.cpu(), t_targets.to(s_targets.device).cpu()):
+        raise ValueError("teacher and student response token ids differ: KD needs a shared tokenizer on the response")
+    return s_mask, t_mask, s_targets
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """Loss and its gradients computed chunk by chunk in forward; backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, opts, alpha, chunk_size, denom):
+        vocab = min(w_s.size(0), w_t.size(0))
+        want_w = w_s.requires_grad
+        grad_h = torch.zeros_like(h_s)
+        grad_w = torch.zeros_like(w_s) if want_w else None
+        kd_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        ws = w_s.detach()[:vocab].requires_grad_(want_w)
+        for start in range(0, h_s.size(0), chunk_size):
+            end = min(start + chunk_size, h_s.size(0))
+            hs = h_s.detach()[start:end].requires_grad_(True)
+            with torch.no_grad():
+                t_logits = h_t[start:end] @ w_t[:vocab].t()
+            with torch.enable_grad():
+                s_logits = hs @ ws.t()
+                kd = token_divergence(s_logits, t_logits, opts).sum()
+                loss = alpha * kd
+                if alpha < 1.0:
+                    ce = F.cross_entropy(s_logits.float(), targets[start:end], reduction="sum")
+                    loss = loss + (1.0 - alpha) * ce
+                    ce_sum += ce.detach()
+                grads = torch.autograd.grad(loss, [hs, ws] if want_w else [hs])
+            grad_h[start:end] = grads[0]
+            if want_w:
+                grad_w[:vocab] += grads[1]
+            kd_sum += kd.detach()
+        ctx.save_for_backward(grad_h, grad_w if want_w else torch.empty(0))
+        ctx.want_w = want_w
+        ctx.denom = denom
+        loss = (alpha * kd_sum + (1.0 - alpha) * ce_sum) / denom
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return loss, kd_sum / denom, ce_sum / denom
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.denom
+        return (grad_h * scale.to(grad_h.dtype), grad_w * scale.to(grad_w.dtype) if ctx.want_w else None,
+                None, None, None, None, None, None, None)
+
+
+def chunked_kd_loss(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor,
+    targets: torch.Tensor,
+    opts: KDOptions | None = None,
+    alpha: float = 1.0,
+    chunk_size: int = 1024,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``alpha * KD + (1 - alpha) * CE`` from paired hidden states [N, H] and LM-head weights [V, H].
+
+    Returns ``(loss, kd, ce)``; only ``loss`` carries gradients (into ``student_hidden`` and, if it requires
+    grad, ``student_head``). ``targets`` are the response token ids, used by the CE term.
+    """
+    opts = opts or KDOptions()
+    n = student_hidden.size(0)
+    denom = num_items_in_batch if num_items_in_batch is not None else n
+    denom = float(denom.item()) if isinstance(denom, torch.Tensor) else float(denom)
+    denom = max(denom, 1.0)
+    return _ChunkedKD.apply(student_hidden, student_head, teacher_hidden.detach(), teacher_head.detach(), targets,
+                            opts, float(alpha), int(chunk_size), denom)

@@ -1,0 +1,1 @@
+"""Benchmarks (scripts that print tables for BENCHMARKS.md); not part of the default test suite."""

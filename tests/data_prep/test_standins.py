@@ -1,0 +1,41 @@
+"""The stand-in checkpoints load through the ordinary transformers entry points and fit the chat format."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+
+def test_standins_are_plain_transformers_checkpoints(tiny_world):
+    tok = AutoTokenizer.from_pretrained(tiny_world["tokenizer"])
+    for name in ("llm_small", "llm_large"):
+        llm = AutoModelForCausalLM.from_pretrained(tiny_world[name])
+        assert llm.config.model_type == "qwen2"
+        assert llm.get_input_embeddings().num_embeddings > len(tok)  # room for the image token
+    vision = AutoModel.from_pretrained(tiny_world["vision_tower"])
+    processor = AutoProcessor.from_pretrained(tiny_world["vision_tower"])
+    assert vision.config.model_type == "clip_vision_model"
+    from PIL import Image
+
+    pixels = processor(Image.new("RGB", (50, 50)), return_tensors="pt")["pixel_values"]
+    assert pixels.shape[-1] == vision.config.image_size
+    with torch.no_grad():
+        patches = (vision.config.image_size // vision.config.patch_size) ** 2
+        assert vision(pixels).last_hidden_state.shape[1] == patches + 1
+
+
+def test_tokenizer_knows_chat_format_and_answer_words(tiny_world, tmp_path):
+    from data_prep.standins import chat_documents, train_tokenizer
+
+    docs = chat_documents(tiny_world["data"])
+    assert any("<|im_start|>assistant\nyes<|im_end|>" in d for d in docs)
+    assert not any("<image>" in d for d in docs)
+    tok = AutoTokenizer.from_pretrained(tiny_world["tokenizer"])
+    for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    # A reply's first word comes right after "assistant\n": trained on chat-formatted text, a tokenizer with
+    # room for it makes the common answers single tokens there, as a real tokenizer would.
+    tok = train_tokenizer(docs, tmp_path / "tok", vocab_size=1000)
+    for word in ("yes", "no"):
+        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
