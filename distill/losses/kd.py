@@ -151,28 +151,31 @@ class _ChunkedKD(torch.autograd.Function):
     def forward(ctx, h_s, w_s, h_t, w_t, targets, opts, alpha, chunk_size, denom):
         vocab = min(w_s.size(0), w_t.size(0))
         want_w = w_s.requires_grad
-        grad_h = torch.zeros_like(h_s)
+        ws, wt = w_s.detach()[:vocab], w_t.detach()[:vocab]
+        grad_h = torch.empty_like(h_s)
+        # Accumulated in place chunk by chunk: no per-chunk [V, H] gradient is ever allocated.
         grad_w = torch.zeros_like(w_s) if want_w else None
         kd_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        ws = w_s.detach()[:vocab].requires_grad_(want_w)
         for start in range(0, h_s.size(0), chunk_size):
             end = min(start + chunk_size, h_s.size(0))
-            hs = h_s.detach()[start:end].requires_grad_(True)
+            hs = h_s.detach()[start:end]
             with torch.no_grad():
-                t_logits = h_t[start:end] @ w_t[:vocab].t()
+                t_logits = h_t[start:end] @ wt.t()
+            s_logits = (hs @ ws.t()).requires_grad_(True)
             with torch.enable_grad():
-                s_logits = hs @ ws.t()
                 kd = token_divergence(s_logits, t_logits, opts).sum()
                 loss = alpha * kd
                 if alpha < 1.0:
                     ce = F.cross_entropy(s_logits.float(), targets[start:end], reduction="sum")
                     loss = loss + (1.0 - alpha) * ce
                     ce_sum += ce.detach()
-                grads = torch.autograd.grad(loss, [hs, ws] if want_w else [hs])
-            grad_h[start:end] = grads[0]
+                (g_logits,) = torch.autograd.grad(loss, [s_logits])
+            del t_logits, s_logits
+            g_logits = g_logits.to(ws.dtype)
+            grad_h[start:end] = g_logits @ ws
             if want_w:
-                grad_w[:vocab] += grads[1]
+                grad_w[:vocab].addmm_(g_logits.t(), hs)
             kd_sum += kd.detach()
         ctx.save_for_backward(grad_h, grad_w if want_w else torch.empty(0))
         ctx.want_w = want_w

@@ -6,7 +6,9 @@
     merge_lora(model)          # before save_pretrained: the artifact stays a plain transformers model
 
 Components are found by attribute path in the Llava layout (``model.vision_tower``, ``model.multi_modal_projector``,
-``model.language_model`` + ``lm_head``); MoE students add ``experts`` and ``router`` views over the LLM.
+``model.language_model`` + ``lm_head``); MoE students add ``experts`` (every MoE layer's experts, shared expert
+included) and ``router`` (every MoE layer's router) views inside the LLM. ``frozen`` means "not opened": with
+``{llm: frozen, experts: full}`` only the experts of the LLM train.
 """
 
 from __future__ import annotations
@@ -36,9 +38,33 @@ class LoraSpec:
     )
 
 
+MOE_COMPONENTS = ("experts", "router")
+
+
+def _moe_parts(model: nn.Module, component: str) -> list[nn.Module]:
+    mods = []
+    for layer in model.get_submodule("model.language_model").layers:
+        block = layer.mlp
+        if not hasattr(block, "experts"):
+            continue
+        if component == "router":
+            mods.append(block.gate)
+        else:
+            mods.append(block.experts)
+            shared = ("shared_expert", "shared_expert_gate")
+            mods.extend(getattr(block, name) for name in shared if hasattr(block, name))
+    return mods
+
+
 def component_modules(model: nn.Module, component: str) -> list[nn.Module]:
+    if component in MOE_COMPONENTS:
+        mods = _moe_parts(model, component)
+        if not mods:
+            raise ValueError(f"component {component!r} needs an MoE student (upcycle first)")
+        return mods
     if component not in COMPONENTS:
-        raise ValueError(f"unknown component {component!r}; expected one of {sorted(COMPONENTS)}")
+        known = sorted(COMPONENTS) + list(MOE_COMPONENTS)
+        raise ValueError(f"unknown component {component!r}; expected one of {known}")
     mods = []
     for path in COMPONENTS[component]:
         try:
@@ -50,8 +76,9 @@ def component_modules(model: nn.Module, component: str) -> list[nn.Module]:
 
 def validate_modes(modes: dict[str, str]) -> None:
     for comp, mode in modes.items():
-        if comp not in COMPONENTS:
-            raise ValueError(f"trainable.{comp}: unknown component; expected one of {sorted(COMPONENTS)}")
+        if comp not in COMPONENTS and comp not in MOE_COMPONENTS:
+            raise ValueError(f"trainable.{comp}: unknown component; expected one of "
+                             f"{sorted(COMPONENTS) + list(MOE_COMPONENTS)}")
         if mode not in MODES:
             raise ValueError(f"trainable.{comp}={mode!r}: expected one of {MODES}")
 
@@ -65,6 +92,8 @@ def apply_trainability(model: nn.Module, modes: dict[str, str], lora: LoraSpec |
             if mode == "full":
                 mod.requires_grad_(True)
             elif mode == "lora":
+                if comp in MOE_COMPONENTS:
+                    raise ValueError(f"trainable.{comp}: lora is not supported for MoE parts (fused expert weights)")
                 _add_lora(mod, lora or LoraSpec())
 
 
@@ -100,7 +129,9 @@ def parameter_table(model: nn.Module) -> str:
     """A table of total and trainable parameters per component (plus whatever sits outside them)."""
     seen: set[int] = set()
     rows = []
-    for comp in COMPONENTS:
+    # MoE parts first, so the llm row counts what is left of the LLM.
+    moe = [c for c in MOE_COMPONENTS if _moe_parts(model, c)] if hasattr(model, "model") else []
+    for comp in [*moe, *COMPONENTS]:
         total = trainable = 0
         for mod in component_modules(model, comp):
             for p in mod.parameters():

@@ -164,6 +164,6 @@ def run(cfg: EvalConfig, ctx: Any) -> dict[str, Any]:
     write_report(rows, ctx.dir, ["vqa_acc", "pope_f1", "chair_i"])
     headline = ["model", "vqa_acc", "kl_teacher", "pope_f1", "pope_adversarial_f1", "chair_s", "chair_i",
                 "tokens_per_s", "params_m"]
-    table = markdown_table(rows, columns=[c for c in headline if any(c in r for r in rows)])
+    table = markdown_table(rows, columns=[c for c in headline if any(c in r for r in rows)], floatfmt=".4f")
     log.info("evaluation (%s):\n%s", ctx.dir / "results.md", table)
     return {"rows": rows}

@@ -99,4 +99,4 @@ class KDLoss:
             h_s, head_s, h_t.to(h_s.device), head_t.to(h_s.device), targets.to(h_s.device), self.opts,
             self.alpha, chunk, num_items_in_batch,
         )
-        return loss, {"kd": kd, "ce": ce}
+        return loss, ({"kd": kd, "ce": ce} if self.alpha < 1.0 else {"kd": kd})

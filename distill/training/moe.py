@@ -1,0 +1,107 @@
+"""MoE plumbing for training: router logits collected by forward hooks, the D2S loss, the expert-load heatmap.
+
+transformers 5's Llava cannot return router logits of an MoE text model (``output_router_logits=True`` raises),
+so hooks on each MoE layer's router record its logits during the student's forward pass instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.losses.router import expert_load, load_balancing_loss, router_entropy, router_z_loss
+from distill.models.upcycle import moe_blocks
+from distill.training.kd import KDConfig, KDLoss
+
+
+class RouterRecorder:
+    """Keeps the router logits of the latest forward pass, one [tokens, E] tensor per MoE layer."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.blocks = moe_blocks(model)
+        if not self.blocks:
+            raise ValueError("the model has no MoE layers to record")
+        self.logits: dict[int, torch.Tensor] = {}
+        self.handles = [block.gate.register_forward_hook(self._hook(i)) for i, block in self.blocks]
+
+    def _hook(self, layer: int):
+        def hook(_module, _inputs, output):
+            self.logits[layer] = output[0]  # routers return (logits, top-k weights, top-k indices)
+
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        out = [self.logits[i] for i, _ in self.blocks if i in self.logits]
+        self.logits = {}
+        return out
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class SparseKDLoss(KDLoss):
+    """KD (+ CE) as in D2D, plus the load-balancing loss (and optional z-loss), each counted once per step."""
+
+    def __init__(self, teacher: torch.nn.Module, cfg: KDConfig, alpha: float, recorder: RouterRecorder,
+                 top_k: int, aux_coef: float, z_coef: float) -> None:
+        super().__init__(teacher, cfg, alpha)
+        self.recorder, self.top_k, self.aux_coef, self.z_coef = recorder, top_k, aux_coef, z_coef
+        n_layers, n_experts = len(recorder.blocks), recorder.blocks[0][1].experts.num_experts
+        self.load_sum = torch.zeros(n_layers, n_experts)
+        self.batches = 0
+
+    def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
+        self.recorder.take()
+        loss, parts = super().__call__(model, inputs, num_items_in_batch)
+        router_logits = self.recorder.take()
+        mask = inputs["attention_mask"]
+        aux = load_balancing_loss(router_logits, self.top_k, mask)
+        loss = loss + self.aux_coef * aux
+        parts["aux"] = aux.detach()
+        if self.z_coef > 0:
+            z = router_z_loss(router_logits, mask)
+            loss = loss + self.z_coef * z
+            parts["z"] = z.detach()
+        if model.training:
+            load = expert_load(router_logits, self.top_k, mask).cpu()
+            self.load_sum += load
+            self.batches += 1
+            entropy = router_entropy(router_logits, mask).cpu()
+            for row, (layer, _) in enumerate(self.recorder.blocks):
+                parts[f"router_entropy/L{layer}"] = entropy[row]
+                for e in range(load.size(1)):
+                    parts[f"expert_load/L{layer}_e{e}"] = load[row, e]
+        return loss, parts
+
+    def mean_load(self) -> torch.Tensor:
+        return self.load_sum / max(self.batches, 1)
+
+
+def write_load_heatmap(load: torch.Tensor, layers: list[int], out_dir: Path) -> dict[str, str]:
+    """``expert_load.png`` (layer x expert heatmap) and ``expert_load.json`` under ``out_dir``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(1.2 + 0.6 * load.size(1), 1.0 + 0.4 * load.size(0)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(load.numpy(), cmap="viridis", vmin=0.0, aspect="auto")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(len(layers)), [str(i) for i in layers])
+    ax.set_xticks(range(load.size(1)))
+    for (r, c), v in np.ndenumerate(load.numpy()):
+        ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
+    fig.colorbar(im, ax=ax, label="fraction of top-k assignments")
+    ax.set_title("expert load")
+    fig.tight_layout()
+    png, js = out_dir / "expert_load.png", out_dir / "expert_load.json"
+    fig.savefig(png, dpi=100)
+    js.write_text(json.dumps({"layers": layers, "load": load.tolist()}, indent=1))
+    return {"png": str(png), "json": str(js)}
