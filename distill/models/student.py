@@ -99,16 +99,28 @@ def build_student(
         model.tie_weights()
 
     patch_tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+    extra = _extra_vision_tokens(vision, patch_tokens)
+    if extra == 0 and parts.vision_feature_select_strategy == "default":
+        raise ValueError("this vision tower has no CLS token (SigLIP-style): use vision_feature_select_strategy=full")
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
         vision_feature_select_strategy=parts.vision_feature_select_strategy,
         image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,  # CLIP's CLS token; dropped again by the "default" strategy
+        num_additional_image_tokens=extra,  # CLIP's CLS token (dropped again by "default"); none for SigLIP
     )
     log.info("student assembled: %d image tokens, vocab %d", patch_tokens, len(tokenizer))
     return model, processor
+
+
+@torch.no_grad()
+def _extra_vision_tokens(vision: PreTrainedModel, patch_tokens: int) -> int:
+    """Tokens the tower emits besides its patches (1 for CLIP's CLS, 0 for SigLIP), asked of the tower itself."""
+    size = vision.config.image_size
+    param = next(vision.parameters())
+    out = vision(pixel_values=torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device))
+    return out.last_hidden_state.shape[1] - patch_tokens
 
 
 def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

@@ -88,7 +88,7 @@ def write_load_heatmap(load: torch.Tensor, layers: list[int], out_dir: Path) -> 
     from matplotlib.figure import Figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(1.2 + 0.6 * load.size(1), 1.0 + 0.4 * load.size(0)))
+    fig = Figure(figsize=(2.5 + 0.7 * load.size(1), 1.6 + 0.4 * load.size(0)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     im = ax.imshow(load.numpy(), cmap="viridis", vmin=0.0, aspect="auto")
@@ -98,8 +98,8 @@ def write_load_heatmap(load: torch.Tensor, layers: list[int], out_dir: Path) -> 
     ax.set_xticks(range(load.size(1)))
     for (r, c), v in np.ndenumerate(load.numpy()):
         ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
-    fig.colorbar(im, ax=ax, label="fraction of top-k assignments")
-    ax.set_title("expert load")
+    fig.colorbar(im, ax=ax, label="share")
+    ax.set_title("expert load (share of top-k assignments)", fontsize=9)
     fig.tight_layout()
     png, js = out_dir / "expert_load.png", out_dir / "expert_load.json"
     fig.savefig(png, dpi=100)

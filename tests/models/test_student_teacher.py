@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -67,3 +68,25 @@ def test_trainability_modes_and_table(tiny_world):
     assert "projector" in table and "vision_tower" in table and "total" in table
     assert merge_lora(model) > 0
     assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_siglip_tower_student(tiny_world, tmp_path):
+    """A SigLIP-style tower (no CLS token) assembles with the 'full' strategy and round-trips."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    vision = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=2, image_size=32, patch_size=8))
+    vision.save_pretrained(tmp_path / "siglip")
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
+    with pytest.raises(ValueError, match="no CLS token"):
+        build_student(StudentParts(str(tmp_path / "siglip"), str(tiny_world["llm_small"])))
+    model, processor = build_student(StudentParts(str(tmp_path / "siglip"), str(tiny_world["llm_small"]),
+                                                  vision_feature_select_strategy="full"))
+    inputs = processor(text="<image>\nWhat?", images=Image.new("RGB", (32, 32)), return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 16
+    save_artifact(model, processor, tmp_path / "student")
+    loaded, loaded_proc = load_vlm(tmp_path / "student")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**inputs).logits, loaded.eval()(**inputs).logits)
+    assert type(loaded_proc.image_processor).__name__.startswith("Siglip")
