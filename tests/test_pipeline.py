@@ -45,11 +45,11 @@ def test_cli_runs_the_demo_recipe_end_to_end(tmp_path, tiny_recipe):
     cmd = [sys.executable, "-m", "distill", "recipe=demo", f"run.dir={tmp_path}", *tiny_recipe]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in ("world", "teacher", "adapter_init", "d2d", "d2s", "eval"):
+    for stage in ("world", "teacher", "adapter_init", "d2d", "d2s", "preference", "eval"):
         assert (tmp_path / stage / "DONE").is_file(), stage
     assert (tmp_path / "teacher" / "model" / "model.safetensors").is_file()
     assert "| model |" in proc.stdout and "| teacher |" in proc.stdout
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert [r["model"] for r in rows] == ["teacher", "adapter_init", "d2d", "d2s"]
+    assert [r["model"] for r in rows] == ["teacher", "adapter_init", "d2d", "d2s", "preference"]
     assert rows[0]["kl_teacher"] == pytest.approx(0.0, abs=1e-6)  # the teacher against itself
     assert all(r["kl_teacher"] > 0 for r in rows[1:])

@@ -54,13 +54,13 @@ def train(
     dataset: Dataset,
     collator: SupervisedCollator,
     loss_fn: LossFn,
-    trainer_cls: type[DistillTrainer] = DistillTrainer,
-    **trainer_kwargs: Any,
+    token_normalised: bool = True,
 ) -> dict[str, Any]:
     """Run the Trainer (resuming from this stage's last checkpoint if one exists) and save the artifact."""
     args = training_arguments(ctx.training, ctx.checkpoint_dir)
-    trainer = trainer_cls(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, loss_fn=loss_fn, **trainer_kwargs
+    trainer = DistillTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, loss_fn=loss_fn,
+        token_normalised=token_normalised,
     )
     resume = last_checkpoint(ctx.checkpoint_dir)
     if resume:

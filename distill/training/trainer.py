@@ -22,11 +22,12 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], Any], tuple[torch.T
 
 
 class DistillTrainer(Trainer):
-    def __init__(self, *args: Any, loss_fn: LossFn, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loss_fn: LossFn, token_normalised: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loss_fn = loss_fn
-        # Our losses divide by num_items_in_batch themselves; tell the Trainer not to rescale by accumulation.
-        self.model_accepts_loss_kwargs = True
+        # Token losses divide by num_items_in_batch themselves, so the Trainer must not rescale them by the
+        # accumulation steps; per-pair losses (preference) are means per micro-batch, which it must rescale.
+        self.model_accepts_loss_kwargs = token_normalised
         self._component_sums: dict[str, float] = {}
         self._component_steps = 0
 

@@ -1,0 +1,62 @@
+"""Preference-distillation losses on sequence log-probabilities (policy = student, reference = teacher).
+
+    logps = sequence_logps(logits, labels)                       # [B]: summed over the response tokens
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss_type="kto_pair", beta=0.1)
+
+Loss types: ``sigmoid`` (DPO), ``hinge`` (SLiC), ``ipo`` (on per-token averages, as TRL normalises it) and
+``kto_pair`` (LLaVA-MoD's default: KTO with paired data, the KL baselines estimated from the batch's own
+log-ratios, clamped at 0 and detached, as TRL's former implementation did). Rewards are beta * (policy - ref).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from distill.losses.ce import IGNORE_INDEX
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Sum (or mean) over labelled positions of log p(label_t | < t), with the next-token shift; fp32."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    token = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+    total = token.sum(-1)
+    return total / mask.sum(-1).clamp_min(1) if average else total
+
+
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses [B] and the chosen / rejected rewards [B] (detached)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
+    elif loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("ipo needs the response lengths (it works on per-token averages)")
+        delta = chosen_ratio / chosen_lengths.clamp_min(1) - rejected_ratio / rejected_lengths.clamp_min(1)
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        chosen_kl = chosen_ratio.mean().clamp(min=0).detach()
+        rejected_kl = rejected_ratio.mean().clamp(min=0).detach()
+        # Chosen pushed above the rejected baseline, rejected pushed below the chosen one (one term each).
+        losses = torch.cat([1 - torch.sigmoid(beta * (chosen_ratio - rejected_kl)),
+                            1 - torch.sigmoid(beta * (chosen_kl - rejected_ratio))])
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()

@@ -1,0 +1,205 @@
+"""Stage 4, preference distillation: DPO-family training on chosen/rejected pairs, the TEACHER as reference.
+
+Policy = the student (MoE after D2S), reference = the frozen teacher, which scores the same response tokens on
+its own inputs (its processor may differ). Sequence log-probs are summed over the response (``average_logps``
+averages them). Loss types: kto_pair (LLaVA-MoD's default), sigmoid (DPO), ipo, hinge; beta 0.1; an optional NLL
+term on the chosen response; the router load-balancing loss for MoE students. With ``precompute_reference`` one
+pass stores the teacher's log-probs in the dataset first and the teacher leaves memory before training.
+Logged: rewards of chosen and rejected, margin and preference accuracy.
+
+    python -m distill recipe=demo stages.preference.loss_type=sigmoid
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, concatenate_datasets
+
+from distill.data.collate import ConversationEncoder, SupervisedCollator
+from distill.data.formats import IMAGE_PLACEHOLDER, ON_BAD_RECORD, load_preference
+from distill.data.templates import get_template
+from distill.losses.ce import response_ce
+from distill.losses.preference import LOSS_TYPES, preference_loss, sequence_logps
+from distill.losses.router import load_balancing_loss
+from distill.models.teacher import load_teacher
+from distill.models.trainable import apply_trainability, parameter_table
+from distill.models.upcycle import moe_blocks
+from distill.training.config import ModelInit, Trainability, as_dataclass
+from distill.training.context import StageContext
+from distill.training.kd import TeacherConfig, split_inputs
+from distill.training.moe import RouterRecorder
+from distill.training.supervised import load_model, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreferenceDataConfig:
+    train: list[str]
+    image_root: str | None = None
+    template: str = "chatml"
+    max_length: int = 2048
+    on_bad_record: str = "error"
+    verify_images: bool = True
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        for path in self.train:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"data.train: {path} does not exist")
+        if self.on_bad_record not in ON_BAD_RECORD:
+            raise ValueError(f"data.on_bad_record={self.on_bad_record!r}: expected one of {ON_BAD_RECORD}")
+        get_template(self.template)
+
+
+@dataclass
+class PreferenceConfig:
+    model: ModelInit
+    teacher: TeacherConfig
+    data: PreferenceDataConfig
+    loss_type: str = "kto_pair"
+    beta: float = 0.1
+    average_logps: bool = False
+    nll_coef: float = 0.0
+    """Weight of an NLL (CE) term on the chosen response."""
+    aux_coef: float = 0.01
+    """Router load-balancing weight, for MoE students."""
+    precompute_reference: bool = False
+    trainable: Trainability = field(default_factory=lambda: Trainability(
+        {"vision_tower": "frozen", "projector": "full", "experts": "full", "router": "full"}))
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model = as_dataclass(self.model, ModelInit)
+        self.teacher = as_dataclass(self.teacher, TeacherConfig)
+        self.data = as_dataclass(self.data, PreferenceDataConfig)
+        self.trainable = as_dataclass(self.trainable, Trainability)
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")
+        if self.beta <= 0:
+            raise ValueError("beta must be positive")
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        return run(self, ctx)
+
+
+def _conversations(record: dict[str, Any], response: str) -> dict[str, Any]:
+    has_image = record.get("image") is not None or record.get("image_bytes") is not None
+    question = f"{IMAGE_PLACEHOLDER}\n{record['question']}" if has_image else record["question"]
+    return {"id": record["id"], "image": record.get("image"), "image_bytes": record.get("image_bytes"),
+            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": response}]}
+
+
+class PairCollator:
+    """Rows [chosen..., rejected...] for the student and the teacher, plus precomputed reference log-probs."""
+
+    def __init__(self, inner: SupervisedCollator) -> None:
+        self.inner = inner
+
+    def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [_conversations(r, r["chosen"]) for r in records] + [_conversations(r, r["rejected"]) for r in records]
+        batch = self.inner(rows)
+        if "ref_chosen_logps" in records[0]:
+            batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in records] +
+                                              [r["ref_rejected_logps"] for r in records])
+        return batch
+
+
+def reference_logps(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
+    inputs = split_inputs(batch, "teacher_")
+    device = next(teacher.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(teacher.dtype)
+    with torch.no_grad():
+        logits = teacher(**inputs).logits
+    return sequence_logps(logits, batch["teacher_labels"].to(device), average)
+
+
+class PreferenceLoss:
+    def __init__(self, cfg: PreferenceConfig, teacher: torch.nn.Module | None, recorder: RouterRecorder | None,
+                 top_k: int) -> None:
+        self.cfg, self.teacher, self.recorder, self.top_k = cfg, teacher, recorder, top_k
+
+    def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
+        cfg = self.cfg
+        if self.recorder is not None:
+            self.recorder.take()
+        logits = model(**split_inputs(inputs)).logits
+        policy = sequence_logps(logits, inputs["labels"], cfg.average_logps)
+        if "ref_logps" in inputs:
+            ref = inputs["ref_logps"].to(policy.device, policy.dtype)
+        else:
+            if next(self.teacher.parameters()).device != policy.device:
+                self.teacher.to(policy.device)
+            ref = reference_logps(self.teacher, inputs, cfg.average_logps).to(policy.device)
+        n = policy.size(0) // 2
+        lengths = (inputs["labels"][:, 1:] != -100).sum(-1).float()
+        losses, chosen_r, rejected_r = preference_loss(
+            policy[:n], policy[n:], ref[:n], ref[n:], cfg.loss_type, cfg.beta, lengths[:n], lengths[n:])
+        loss = losses.mean()
+        parts = {"pref": loss.detach(), "rewards/chosen": chosen_r.mean(), "rewards/rejected": rejected_r.mean(),
+                 "rewards/margin": (chosen_r - rejected_r).mean(),
+                 "rewards/accuracy": (chosen_r > rejected_r).float().mean()}
+        if cfg.nll_coef > 0:
+            nll = response_ce(logits[:n], inputs["labels"][:n])
+            loss = loss + cfg.nll_coef * nll
+            parts["nll"] = nll.detach()
+        if self.recorder is not None and cfg.aux_coef > 0:
+            aux = load_balancing_loss(self.recorder.take(), self.top_k, inputs["attention_mask"])
+            loss = loss + cfg.aux_coef * aux
+            parts["aux"] = aux.detach()
+        return loss, parts
+
+
+def precompute(dataset: Dataset, collator: PairCollator, teacher: torch.nn.Module, average: bool,
+               batch_size: int = 16) -> Dataset:
+    """The teacher's reference log-probs for every pair, stored as two dataset columns."""
+    chosen, rejected = [], []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher.to(device)
+    for start in range(0, len(dataset), batch_size):
+        records = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        logps = reference_logps(teacher, collator(records), average).float().cpu()
+        chosen.extend(logps[: len(records)].tolist())
+        rejected.extend(logps[len(records) :].tolist())
+    return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+
+def run(cfg: PreferenceConfig, ctx: StageContext) -> dict[str, Any]:
+    model, processor = load_model(cfg.model)
+    template = get_template(cfg.data.template)
+    processor.chat_template = template.jinja or None
+    teacher, teacher_processor = load_teacher(cfg.teacher.path, dtype=cfg.teacher.torch_dtype())
+    apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
+    log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
+    parts, stats = [], []
+    for path in cfg.data.train:
+        ds, st = load_preference(path, cfg.data.image_root, cfg.data.on_bad_record, cfg.data.verify_images,
+                                 cfg.data.limit)
+        parts.append(ds)
+        stats.append(st.as_dict())
+    dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    collator = PairCollator(SupervisedCollator(
+        ConversationEncoder(processor, template, cfg.data.max_length), cfg.data.image_root,
+        teacher=ConversationEncoder(teacher_processor, template, cfg.data.max_length)))
+    if cfg.precompute_reference:
+        dataset = precompute(dataset, collator, teacher, cfg.average_logps)
+        teacher = None
+        gc.collect()
+    blocks = moe_blocks(model)
+    recorder = RouterRecorder(model) if blocks else None
+    top_k = model.config.text_config.num_experts_per_tok if blocks else 0
+    loss_fn = PreferenceLoss(cfg, teacher, recorder, top_k)
+    metrics = train(ctx, model, processor, dataset, collator, loss_fn, token_normalised=False)
+    if recorder is not None:
+        recorder.remove()
+    return {**metrics, "data": stats}
