@@ -55,7 +55,7 @@ from PIL import Image, ImageDraw
 logger = logging.getLogger(__name__)
 
 # Bump when the generator's output changes so stale worlds are regenerated rather than reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -681,8 +681,10 @@ def _build_preference(
             struct: dict[str, Any] = {"style": "caption", "corruption": kind}
         else:
             qtype = rng.choice([q for q in available_qtypes(scene) if q != "relation"])
-            # Existence pairs always ask about something absent: the rejected "yes" is a hallucination.
-            params = _sample_existence(rng, scene, "no") if qtype == "existence" else sample_question(rng, scene, qtype)
+            # Existence pairs are balanced: an absent object (rejected "yes" is a hallucination) as often as a
+            # present one (rejected "no"). All-absent pairs teach a policy to answer "no" to everything (seen on
+            # the gpu preset: POPE yes-ratio 0 after preference training).
+            params = sample_question(rng, scene, qtype)
             question = question_text(qtype, params)
             chosen = answer_question(scene, qtype, params)
             rejected = _wrong_answer(rng, scene, qtype, params, chosen)

@@ -308,7 +308,7 @@ def test_preference_pairs(world: Path) -> None:
     prefs = {r["id"]: r for r in json.loads((world / "preference.json").read_text())}
     structs = _read_jsonl(world / "scenes/preference_struct.jsonl")
     assert len(prefs) == 40 and {s["id"] for s in structs} == set(prefs)
-    styles = Counter()
+    styles, existence = Counter(), Counter()
     for st in structs:
         rec = prefs[st["id"]]
         scene = scenes[rec["image"]]
@@ -335,8 +335,11 @@ def test_preference_pairs(world: Path) -> None:
             right = answer_question(scene, st["qtype"], st["params"])
             assert rec["chosen"] == right and rec["rejected"] != right
             if st["qtype"] == "existence":
-                assert (rec["chosen"], rec["rejected"]) == ("no", "yes")
+                existence[rec["chosen"]] += 1
+                assert {rec["chosen"], rec["rejected"]} == {"yes", "no"}
     assert styles["caption"] > 0 and styles["qa"] > 0
+    # Both directions occur, so a policy cannot win by answering "no" (or "yes") to everything.
+    assert existence["yes"] > 0 and existence["no"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
