@@ -15,14 +15,13 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, concatenate_datasets
 
 from distill.data.collate import ConversationEncoder, SupervisedCollator
-from distill.data.formats import IMAGE_PLACEHOLDER, ON_BAD_RECORD, load_preference
+from distill.data.formats import IMAGE_PLACEHOLDER, load_preference
 from distill.data.templates import get_template
 from distill.losses.ce import response_ce
 from distill.losses.preference import LOSS_TYPES, preference_loss, sequence_logps
@@ -30,7 +29,7 @@ from distill.losses.router import load_balancing_loss
 from distill.models.teacher import load_teacher
 from distill.models.trainable import apply_trainability, parameter_table
 from distill.models.upcycle import moe_blocks
-from distill.training.config import ModelInit, Trainability, as_dataclass
+from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass
 from distill.training.context import StageContext
 from distill.training.kd import TeacherConfig, split_inputs
 from distill.training.moe import RouterRecorder
@@ -40,31 +39,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PreferenceDataConfig:
-    train: list[str]
-    image_root: str | None = None
-    template: str = "chatml"
-    max_length: int = 2048
-    on_bad_record: str = "error"
-    verify_images: bool = True
-    limit: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.train, str):
-            self.train = [self.train]
-        for path in self.train:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"data.train: {path} does not exist")
-        if self.on_bad_record not in ON_BAD_RECORD:
-            raise ValueError(f"data.on_bad_record={self.on_bad_record!r}: expected one of {ON_BAD_RECORD}")
-        get_template(self.template)
-
-
-@dataclass
 class PreferenceConfig:
     model: ModelInit
     teacher: TeacherConfig
-    data: PreferenceDataConfig
+    data: DataConfig
+    """RLAIF-V-style pair files (parquet, JSON, JSONL) sharing an image folder."""
     loss_type: str = "kto_pair"
     beta: float = 0.1
     average_logps: bool = False
@@ -80,7 +59,7 @@ class PreferenceConfig:
     def __post_init__(self) -> None:
         self.model = as_dataclass(self.model, ModelInit)
         self.teacher = as_dataclass(self.teacher, TeacherConfig)
-        self.data = as_dataclass(self.data, PreferenceDataConfig)
+        self.data = as_dataclass(self.data, DataConfig)
         self.trainable = as_dataclass(self.trainable, Trainability)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")
