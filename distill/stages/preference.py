@@ -29,6 +29,7 @@ from distill.losses.router import load_balancing_loss
 from distill.models.teacher import load_teacher
 from distill.models.trainable import apply_trainability, parameter_table
 from distill.models.upcycle import moe_blocks
+from distill.stages.sparse_imitation import SPARSE_TRAINABLE
 from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass
 from distill.training.context import StageContext
 from distill.training.kd import TeacherConfig, split_inputs
@@ -52,8 +53,8 @@ class PreferenceConfig:
     aux_coef: float = 0.01
     """Router load-balancing weight, for MoE students."""
     precompute_reference: bool = False
-    trainable: Trainability = field(default_factory=lambda: Trainability(
-        {"vision_tower": "frozen", "projector": "full", "experts": "full", "router": "full"}))
+    trainable: Trainability = field(default_factory=lambda: Trainability(dict(SPARSE_TRAINABLE)))
+    """As D2S; a dense student needs e.g. ``{projector: full, llm: full}``."""
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -27,6 +27,9 @@ from distill.training.supervised import load_conversations, load_model, train
 
 log = logging.getLogger(__name__)
 
+# What learns in D2S (and, by default, in preference distillation after it), as in LLaVA-MoD.
+SPARSE_TRAINABLE = {"vision_tower": "frozen", "projector": "full", "experts": "full", "router": "full"}
+
 
 @dataclass
 class SparseImitationConfig:
@@ -44,8 +47,7 @@ class SparseImitationConfig:
     """transformers' expert kernel: ``eager`` (a loop over experts, batched over their tokens) or ``grouped_mm``.
     Eager trained 1.8x faster than grouped_mm under bf16 autocast with fp32 master weights on an H200
     (BENCHMARKS.md); neither loops over tokens."""
-    trainable: Trainability = field(default_factory=lambda: Trainability(
-        {"vision_tower": "frozen", "projector": "full", "experts": "full", "router": "full"}))
+    trainable: Trainability = field(default_factory=lambda: Trainability(dict(SPARSE_TRAINABLE)))
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
