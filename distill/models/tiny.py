@@ -1,14 +1,13 @@
 """Tiny model configs for tests, the demo and the synthetic world's stand-in checkpoints.
 
-Every size here is a plain transformers config; nothing is downloaded. ``tiny_llava`` builds a random
-Llava-style VLM in one call, which the unit tests use as a fixture.
+Every size here is a plain transformers config; nothing is downloaded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+from transformers import CLIPVisionConfig, Qwen2Config
 
 
 @dataclass(frozen=True)
@@ -44,26 +43,3 @@ class VisionSize:
     def clip_vision_config(self) -> CLIPVisionConfig:
         return CLIPVisionConfig(**self.__dict__)
 
-
-def tiny_llava(
-    vocab_size: int = 128,
-    image_token_id: int = 127,
-    llm: LLMSize | None = None,
-    vision: VisionSize | None = None,
-    seed: int = 0,
-) -> LlavaForConditionalGeneration:
-    """A random Llava model (CLIP tower + 2-layer GELU projector + Qwen2 LLM) for unit tests."""
-    import torch
-
-    llm = llm or LLMSize(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
-    vision = vision or VisionSize(hidden_size=32, intermediate_size=64, num_attention_heads=2, image_size=32)
-    config = LlavaConfig(
-        vision_config=vision.clip_vision_config(),
-        text_config=llm.qwen2_config(vocab_size),
-        image_token_index=image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config)

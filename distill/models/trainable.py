@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 MODES = ("frozen", "full", "lora")
@@ -151,6 +150,3 @@ def parameter_table(model: nn.Module) -> str:
         lines.append(f"{comp:<14}{total:>14,}{trainable:>14,}{pct:>8.1f}")
     return "\n".join(lines)
 
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

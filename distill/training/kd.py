@@ -18,26 +18,19 @@ from distill.losses.kd import KDOptions, chunked_kd_loss, paired_positions
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 
 
-@dataclass
-class KDConfig:
-    divergence: str = "forward_kl"
-    """One of forward_kl (LLaVA-MoD), reverse_kl, jsd, tvd."""
-    temperature: float = 1.0
-    beta: float = 0.5
-    top_k: int | None = None
-    tail_bucket: bool = False
+@dataclass(frozen=True)
+class KDConfig(KDOptions):
+    """The loss settings of KDOptions (divergence, temperature, beta, top_k, tail_bucket) plus how to run it."""
+
     chunk_size: int = 1024
     """Tokens per chunk of the LM-head + loss computation; 0 computes all at once."""
     distill_all_tokens: bool = False
     """KD (and CE) on every text token, prompt included, instead of the responses only."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.chunk_size < 0:
             raise ValueError("kd.chunk_size must be >= 0")
-        self.options()  # KDOptions validates the loss settings
-
-    def options(self) -> KDOptions:
-        return KDOptions(self.divergence, self.temperature, self.beta, self.top_k, self.tail_bucket)
 
 
 @dataclass
@@ -73,7 +66,6 @@ class KDLoss:
     def __init__(self, teacher: torch.nn.Module, cfg: KDConfig, alpha: float) -> None:
         self.teacher = teacher
         self.cfg = cfg
-        self.opts = cfg.options()
         self.alpha = alpha
 
     def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
@@ -94,7 +86,7 @@ class KDLoss:
         head_t = self.teacher.get_output_embeddings().weight
         chunk = self.cfg.chunk_size or max(h_s.size(0), 1)
         loss, kd, ce = chunked_kd_loss(
-            h_s, head_s, h_t.to(h_s.device), head_t.to(h_s.device), targets.to(h_s.device), self.opts,
+            h_s, head_s, h_t.to(h_s.device), head_t.to(h_s.device), targets.to(h_s.device), self.cfg,
             self.alpha, chunk, num_items_in_batch,
         )
         return loss, ({"kd": kd, "ce": ce} if self.alpha < 1.0 else {"kd": kd})
