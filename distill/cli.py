@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -25,9 +26,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @hydra.main(version_base="1.3", config_path=str(RECIPES), config_name="config")
 def _main(cfg: DictConfig) -> None:
     from distill.pipeline import run_pipeline
+    from distill.training.resilience import Preempted
 
     logging.getLogger("distill").setLevel(logging.INFO)
-    run_pipeline(cfg)
+    try:
+        run_pipeline(cfg)
+    except Preempted as stop:
+        logging.getLogger("distill").warning("%s", stop)
+        sys.exit(143)  # 128 + SIGTERM, what a scheduler expects from a job it asked to stop
 
 
 def main() -> None:

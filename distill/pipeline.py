@@ -78,7 +78,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         set_seed(cfg.seed)
         block = stage_config(cfg, name)
         stage = instantiate(block, _convert_="all")
-        ctx = StageContext(name=name, run_dir=run_dir, training=getattr(stage, "training", {}))
+        ctx = StageContext(name=name, run_dir=run_dir, training=getattr(stage, "training", {}),
+                           report_to=OmegaConf.to_container(cfg.trainer, resolve=True).get("report_to"))
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(stage_dir / "config.yaml", OmegaConf.to_yaml(block, resolve=True))
         start = time.time()

@@ -6,7 +6,8 @@
 
 Loss types: ``sigmoid`` (DPO), ``hinge`` (SLiC), ``ipo`` (on per-token averages, as TRL normalises it) and
 ``kto_pair`` (LLaVA-MoD's default: KTO with paired data, the KL baselines estimated from the batch's own
-log-ratios, clamped at 0 and detached, as TRL's former implementation did). Rewards are beta * (policy - ref).
+log-ratios and clamped at 0, as TRL <= 0.11 computed it: value and gradient, the baselines not detached).
+Rewards are beta * (policy - ref). ``tests/losses/test_preference_trl_parity.py`` checks each type against TRL.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def preference_loss(
         delta = chosen_ratio / chosen_lengths.clamp_min(1) - rejected_ratio / rejected_lengths.clamp_min(1)
         losses = (delta - 1 / (2 * beta)) ** 2
     else:
-        chosen_kl = chosen_ratio.mean().clamp(min=0).detach()
-        rejected_kl = rejected_ratio.mean().clamp(min=0).detach()
+        chosen_kl = chosen_ratio.mean().clamp(min=0)
+        rejected_kl = rejected_ratio.mean().clamp(min=0)
         # Chosen pushed above the rejected baseline, rejected pushed below the chosen one (one term each).
         losses = torch.cat([1 - torch.sigmoid(beta * (chosen_ratio - rejected_kl)),
                             1 - torch.sigmoid(beta * (chosen_kl - rejected_ratio))])

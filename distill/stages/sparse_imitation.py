@@ -82,7 +82,7 @@ def run(cfg: SparseImitationConfig, ctx: StageContext) -> dict[str, Any]:
     collator = build_collator(cfg.data, cfg.kd, processor, teacher_processor)
     recorder = RouterRecorder(model)
     loss_fn = SparseKDLoss(teacher, cfg.kd, cfg.alpha, recorder, cfg.upcycle.top_k, cfg.aux_coef, cfg.z_coef)
-    metrics = train(ctx, model, processor, dataset, collator, loss_fn)
+    metrics = train(ctx, model, processor, dataset, collator, loss_fn, track_expert_load=False)
     recorder.remove()
     layers = [i for i, _ in moe_blocks(model)]
     load = loss_fn.mean_load()

@@ -14,6 +14,8 @@ class StageContext:
     run_dir: Path
     training: dict[str, Any] = field(default_factory=dict)
     """TrainingArguments kwargs: the recipe's ``trainer`` defaults merged with the stage's ``training``."""
+    report_to: str | list[str] | None = None
+    """The recipe's ``trainer.report_to``, for stages that log without a Trainer (eval)."""
 
     @property
     def dir(self) -> Path:

@@ -17,7 +17,9 @@ from distill.models.student import build_student, load_vlm, save_artifact
 from distill.models.trainable import apply_trainability, merge_lora, parameter_table
 from distill.training.config import DataConfig, ModelInit, Trainability
 from distill.training.context import StageContext
-from distill.training.trainer import DistillTrainer, LossFn, last_checkpoint, training_arguments
+from distill.training.resilience import Preempted, PreemptionCallback, last_checkpoint
+from distill.training.tracking import add_tracking, finish_wandb, tracking_arguments
+from distill.training.trainer import DistillTrainer, LossFn, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +57,30 @@ def train(
     collator: SupervisedCollator,
     loss_fn: LossFn,
     token_normalised: bool = True,
+    track_expert_load: bool = True,
 ) -> dict[str, Any]:
-    """Run the Trainer (resuming from this stage's last checkpoint if one exists) and save the artifact."""
-    args = training_arguments(ctx.training, ctx.checkpoint_dir)
+    """Run the Trainer (resuming from this stage's last checkpoint if one exists) and save the artifact.
+
+    ``track_expert_load=False`` when the loss already logs the MoE expert load itself (D2S).
+    """
+    training = {**ctx.training, **tracking_arguments(ctx, ctx.training)}
+    args, ours = training_arguments(training, ctx.checkpoint_dir)
+    preemption = PreemptionCallback()
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, loss_fn=loss_fn,
-        token_normalised=token_normalised,
+        token_normalised=token_normalised, callbacks=[preemption], max_nonfinite_losses=ours["max_nonfinite_losses"],
     )
+    add_tracking(trainer, peak_flops=ours["peak_flops"], moe=track_expert_load)
     resume = last_checkpoint(ctx.checkpoint_dir)
     if resume:
         log.info("resuming %s from %s", ctx.name, resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        finish_wandb()
+    if preemption.preempted_at is not None:
+        raise Preempted(f"stage {ctx.name}: stopped on SIGTERM at step {preemption.preempted_at} after writing "
+                        f"{ctx.checkpoint_dir}/checkpoint-{preemption.preempted_at}; rerun the same command to resume")
     merge_lora(model)
     save_artifact(model, processor, ctx.model_dir)
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -75,6 +90,7 @@ def train(
         "last_logged": history[-1] if history else None,
         "global_step": trainer.state.global_step,
         "train_runtime_s": result.metrics.get("train_runtime"),
+        "nonfinite_losses": trainer.nonfinite_losses,
     }
 
 

@@ -4,17 +4,32 @@ A stage passes ``loss_fn(model, inputs, num_items_in_batch) -> (loss, {"kd": ...
 normalised by ``num_items_in_batch`` (the response-token count of the whole accumulated batch, which the
 Trainer counts), so that batch 8 x accumulation 1 and batch 2 x accumulation 4 give the same gradients.
 Each component is logged under its own key next to the Trainer's ``loss``.
+
+Checkpoints are written into ``<output_dir>/.staging/`` and renamed into place once complete, so a checkpoint
+folder either is whole or does not exist; ``save_total_limit`` then keeps the newest N. A checkpoint stores the
+weights under the model's own parameter names (``model_state.safetensors``) and resume loads them strictly:
+``save_pretrained`` renames Llava's keys to the hub layout, which the Trainer's own resume loads with
+``strict=False``, silently keeping the fresh weights (transformers 5.17). The stage's final artifact stays a
+plain ``save_pretrained`` folder. A micro-batch whose loss
+is NaN/Inf is skipped (no gradient) and counted; past ``max_nonfinite_losses`` the stage stops with
+``NonFiniteLossError`` and the last good checkpoint stays.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints
+
+from distill.training.resilience import STAGING, STATE_FILE, NonFiniteLossError, fault_point
 
 log = logging.getLogger(__name__)
 
@@ -22,34 +37,105 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], Any], tuple[torch.T
 
 
 class DistillTrainer(Trainer):
-    def __init__(self, *args: Any, loss_fn: LossFn, token_normalised: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loss_fn: LossFn, token_normalised: bool = True, max_nonfinite_losses: int = 0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.load_best_model_at_end:
+            raise ValueError("training.load_best_model_at_end is not supported (checkpoints are staged and renamed); "
+                             "compare artifacts with the eval stage instead")
+        self.max_nonfinite_losses = max_nonfinite_losses
+        self.nonfinite_losses = 0
+        self._staging = False
         self.loss_fn = loss_fn
         # Token losses divide by num_items_in_batch themselves, so the Trainer must not rescale them by the
         # accumulation steps; per-pair losses (preference) are means per micro-batch, which it must rescale.
         self.model_accepts_loss_kwargs = token_normalised
         self._component_sums: dict[str, float] = {}
-        self._component_steps = 0
+        self._component_since: int | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, components = self.loss_fn(model, inputs, num_items_in_batch)
+        if model.training and not torch.isfinite(loss.detach()).all():
+            return self._skip_nonfinite(loss, return_outputs)
         if model.training:
+            if self._component_since is None:
+                self._component_since = self.state.global_step
             for name, value in components.items():
                 self._component_sums[name] = self._component_sums.get(name, 0.0) + float(value.detach())
         return (loss, None) if return_outputs else loss
 
+    def _skip_nonfinite(self, loss: torch.Tensor, return_outputs: bool):
+        self.nonfinite_losses += 1
+        step, loss = self.state.global_step, loss.detach()
+        if self.nonfinite_losses > self.max_nonfinite_losses:
+            raise NonFiniteLossError(
+                f"loss was {float(loss)} at step {step}: {self.nonfinite_losses} non-finite losses, more than "
+                f"training.max_nonfinite_losses={self.max_nonfinite_losses}. The last good checkpoint is kept under "
+                f"{self.args.output_dir}; lower the learning rate or check the data before resuming.")
+        log.warning("non-finite loss (%s) at step %d: micro-batch skipped (%d of at most %d)", float(loss), step,
+                    self.nonfinite_losses, self.max_nonfinite_losses)
+        zero = loss.detach().new_zeros(()).requires_grad_()  # a leaf: backward touches no parameter
+        return (zero, None) if return_outputs else zero
+
+    def _get_output_dir(self, trial):
+        out = super()._get_output_dir(trial)
+        return os.path.join(out, STAGING) if self._staging else out
+
+    def _raw_checkpoint(self) -> bool:
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)  # those resume from their own engine state
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not (self._staging and self._raw_checkpoint()):
+            return super()._save(output_dir, state_dict)
+        os.makedirs(output_dir, exist_ok=True)
+        # save_model drops tied duplicates and load_model restores them.
+        safetensors.torch.save_model(self.accelerator.unwrap_model(self.model), os.path.join(output_dir, STATE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        path = Path(resume_from_checkpoint) / STATE_FILE
+        if not path.is_file():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        safetensors.torch.load_model(model or self.model, path, strict=True, device="cpu")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written under ``.staging/`` and renamed into place when every rank is done."""
+        root = Path(self._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(root / STAGING / name, ignore_errors=True)
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            fault_point("checkpoint_write", self.state.global_step)
+            final = root / name
+            if final.exists():  # the same step saved again (a resumed run): the new one replaces it
+                shutil.rmtree(final)
+            os.replace(root / STAGING / name, final)
+            rotate_checkpoints(str(root), self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._component_sums:
-            steps = max(self.state.global_step - self._component_steps, 1)
+            steps = max(self.state.global_step - (self._component_since or 0), 1)
             for name, total in self._component_sums.items():
                 logs[f"loss/{name}"] = round(total / steps, 6)
             self._component_sums = {}
-            self._component_steps = self.state.global_step
+            self._component_since = self.state.global_step
+            if self.nonfinite_losses:
+                logs["nonfinite_losses"] = self.nonfinite_losses
         super().log(logs, *args, **kwargs)
 
 
-def training_arguments(training: dict[str, Any], output_dir: Path) -> TrainingArguments:
-    """TrainingArguments from the recipe's ``training`` block; TrainingArguments validates the values itself.
+DISTILL_KEYS = {"max_nonfinite_losses": 10, "peak_flops": None}
+"""Keys of a ``training`` block that are ours, not TrainingArguments', with their defaults."""
+
+
+def training_arguments(training: dict[str, Any], output_dir: Path) -> tuple[TrainingArguments, dict[str, Any]]:
+    """TrainingArguments from the recipe's ``training`` block (it validates the values itself), and our own keys.
 
     ``remove_unused_columns`` is forced off because our collators read the raw record columns.
     """
@@ -57,14 +143,6 @@ def training_arguments(training: dict[str, Any], output_dir: Path) -> TrainingAr
     clash = set(fixed) & set(training)
     if clash:
         raise ValueError(f"training.{sorted(clash)} are set by the pipeline and cannot be overridden")
-    return TrainingArguments(**training, **fixed)
-
-
-def last_checkpoint(output_dir: Path) -> str | None:
-    """The newest complete ``checkpoint-N`` folder under ``output_dir``, if any."""
-    if not output_dir.is_dir():
-        return None
-    done = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    if not done:
-        return None
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
+    ours = {k: training.get(k, default) for k, default in DISTILL_KEYS.items()}
+    rest = {k: v for k, v in training.items() if k not in DISTILL_KEYS}
+    return TrainingArguments(**rest, **fixed), ours
