@@ -18,7 +18,7 @@ from distill.models.trainable import apply_trainability, merge_lora, parameter_t
 from distill.training.config import DataConfig, ModelInit, Trainability
 from distill.training.context import StageContext
 from distill.training.resilience import Preempted, PreemptionCallback, last_checkpoint
-from distill.training.tracking import add_tracking, finish_wandb, tracking_arguments
+from distill.training.tracking import add_tracking, finish_wandb, start_wandb_run, tracking_arguments
 from distill.training.trainer import DistillTrainer, LossFn, training_arguments
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def train(
     resume = last_checkpoint(ctx.checkpoint_dir)
     if resume:
         log.info("resuming %s from %s", ctx.name, resume)
+    start_wandb_run(ctx, args.report_to)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     finally:

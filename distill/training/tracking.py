@@ -137,13 +137,20 @@ def tracking_arguments(ctx: StageContext, training: dict[str, Any]) -> dict[str,
 
 
 def start_wandb_run(ctx: StageContext, report_to: str | list[str] | None) -> bool:
-    """Open the stage's wandb run for a stage that trains nothing (eval); False when wandb is off for it."""
+    """Open the stage's wandb run (before the Trainer, whose WandbCallback then uses it); False when off.
+
+    Everything is passed to ``wandb.init`` explicitly: wandb reads its environment once per process, so a later
+    stage relying on WANDB_RUN_ID & co. would be logged into the first stage's run.
+    """
     changes = configure_wandb(ctx, {"report_to": report_to})
     if not reports_to_wandb({"report_to": report_to}) or int(os.environ.get("RANK", "0")) != 0:
         return False
     import wandb
 
-    wandb.init(name=changes["run_name"])
+    env = os.environ
+    wandb.init(name=changes.get("run_name", f"{ctx.run_dir.name}/{ctx.name}"), id=env["WANDB_RUN_ID"],
+               resume="allow", project=env["WANDB_PROJECT"], group=env["WANDB_RUN_GROUP"],
+               job_type=env["WANDB_JOB_TYPE"], dir=env["WANDB_DIR"], mode=env["WANDB_MODE"])
     return True
 
 

@@ -290,6 +290,7 @@ def _train(ctx: StageContext, max_steps: int, resume: str | None = None) -> Trai
                                          num_attention_heads=2, num_key_value_heads=1))
     trainer = Trainer(model=model, args=args, train_dataset=_dataset(), data_collator=_collate)
     tracking.add_tracking(trainer)
+    tracking.start_wandb_run(ctx, training["report_to"])  # as distill.training.supervised.train does
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -339,3 +340,14 @@ def test_offline_wandb_run_logs_and_resumes(tmp_path, monkeypatch):
     run, rows = _summary(_finished_records(runs[1]))
     assert (run.run_id, run.resume, run.job_type) == (run_id, True, "d2s")
     assert [row["train/global_step"] for row in rows if "train/loss" in row] == [5, 6]
+
+    # The next stage in the same process gets its own run (wandb reads its environment once per process, so
+    # this needs the explicit wandb.init arguments of start_wandb_run).
+    nxt = _ctx(tmp_path, stage="preference")
+    _train(nxt, max_steps=2)
+    tracking.finish_wandb()
+    next_id = (nxt.dir / tracking.RUN_ID_FILE).read_text().strip()
+    assert next_id != run_id
+    [path] = _offline_runs(nxt, next_id)
+    run, _ = _summary(_finished_records(path))
+    assert (run.run_id, run.job_type, run.display_name) == (next_id, "preference", "demo/preference")
