@@ -4,11 +4,13 @@
 
 Frozen means: eval mode, every parameter with ``requires_grad=False``, and ``train()`` made a no-op so that
 no trainer can switch dropout back on. The teacher is never handed to an optimizer: stages keep it outside
-the model the Trainer owns.
+the model the Trainer owns. Where it runs (one device, a replica per rank, or ZeRO-3 shards) is decided once
+the Trainer exists: distill/training/distributed.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import types
 from pathlib import Path
 
@@ -16,6 +18,17 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from distill.models.student import load_vlm
+
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """``auto`` is flash_attention_2 when the flash-attn package is installed and a GPU is present, else sdpa
+    (which itself runs FlashAttention kernels on recent GPUs); any other value is taken as given."""
+    if requested != "auto":
+        return requested
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
@@ -26,7 +39,11 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def load_teacher(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+def load_teacher(
+    path: str | Path, dtype: torch.dtype | None = None, attn_implementation: str = "auto"
+) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Load a frozen teacher and its processor from a local folder."""
     model, processor = load_vlm(path, dtype=dtype)
+    # Set after loading (on the vision tower and the LLM alike): load_vlm keeps transformers' default, sdpa.
+    model.set_attn_implementation(resolve_attn_implementation(attn_implementation))
     return freeze(model), processor

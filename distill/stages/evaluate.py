@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalConfig:
+    main_process_only = True  # one copy of the world / one evaluation, not one per rank
     models: dict[str, str]
     """Label -> artifact folder, in table order."""
     data_dir: str

@@ -63,7 +63,8 @@ def build_collator(cfg_data: DataConfig, kd: KDConfig, processor, teacher_proces
 def run(cfg: ImitationConfig, ctx: StageContext) -> dict[str, Any]:
     model, processor = load_model(cfg.model)
     processor.chat_template = get_template(cfg.data.template).jinja or None
-    teacher, teacher_processor = load_teacher(cfg.teacher.path, dtype=cfg.teacher.torch_dtype())
+    teacher, teacher_processor = load_teacher(cfg.teacher.path, cfg.teacher.torch_dtype(),
+                                              cfg.teacher.attn_implementation)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(cfg.data)

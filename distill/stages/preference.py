@@ -32,6 +32,7 @@ from distill.models.upcycle import moe_blocks
 from distill.stages.sparse_imitation import SPARSE_TRAINABLE
 from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass
 from distill.training.context import StageContext
+from distill.training.distributed import local_device, prepare_teacher
 from distill.training.kd import TeacherConfig, split_inputs
 from distill.training.moe import RouterRecorder
 from distill.training.supervised import load_model, train
@@ -93,10 +94,11 @@ class PairCollator:
         return batch
 
 
-def reference_logps(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
-    inputs = split_inputs(batch, "teacher_")
-    device = next(teacher.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+def reference_logps(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool,
+                    device: torch.device) -> torch.Tensor:
+    """The teacher's sequence log-probs, its inputs on ``device`` (the student's: ZeRO-3 may keep the
+    teacher's own shards elsewhere, e.g. offloaded to CPU)."""
+    inputs = {k: v.to(device) for k, v in split_inputs(batch, "teacher_").items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(teacher.dtype)
     with torch.no_grad():
@@ -108,6 +110,13 @@ class PreferenceLoss:
     def __init__(self, cfg: PreferenceConfig, teacher: torch.nn.Module | None, recorder: RouterRecorder | None,
                  top_k: int) -> None:
         self.cfg, self.teacher, self.recorder, self.top_k = cfg, teacher, recorder, top_k
+        self.placed = teacher is None
+
+    def prepare(self, trainer: Any) -> None:
+        """Place the reference teacher once the Trainer exists: partitioned under ZeRO-3, a replica otherwise."""
+        if not self.placed:
+            self.teacher = prepare_teacher(self.teacher, trainer.accelerator)
+            self.placed = True
 
     def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
         cfg = self.cfg
@@ -118,9 +127,10 @@ class PreferenceLoss:
         if "ref_logps" in inputs:
             ref = inputs["ref_logps"].to(policy.device, policy.dtype)
         else:
-            if next(self.teacher.parameters()).device != policy.device:
+            if not self.placed:  # no prepare(trainer) call: follow the student onto its device, once
                 self.teacher.to(policy.device)
-            ref = reference_logps(self.teacher, inputs, cfg.average_logps).to(policy.device)
+                self.placed = True
+            ref = reference_logps(self.teacher, inputs, cfg.average_logps, policy.device)
         n = policy.size(0) // 2
         lengths = (inputs["labels"][:, 1:] != -100).sum(-1).float()
         losses, chosen_r, rejected_r = preference_loss(
@@ -144,11 +154,11 @@ def precompute(dataset: Dataset, collator: PairCollator, teacher: torch.nn.Modul
                batch_size: int = 16) -> Dataset:
     """The teacher's reference log-probs for every pair, stored as two dataset columns."""
     chosen, rejected = [], []
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = local_device()  # every rank scores all pairs (the same column everywhere)
     teacher.to(device)
     for start in range(0, len(dataset), batch_size):
         records = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        logps = reference_logps(teacher, collator(records), average).float().cpu()
+        logps = reference_logps(teacher, collator(records), average, device).float().cpu()
         chosen.extend(logps[: len(records)].tolist())
         rejected.extend(logps[len(records) :].tolist())
     return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
@@ -158,7 +168,8 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict[str, Any]:
     model, processor = load_model(cfg.model)
     template = get_template(cfg.data.template)
     processor.chat_template = template.jinja or None
-    teacher, teacher_processor = load_teacher(cfg.teacher.path, dtype=cfg.teacher.torch_dtype())
+    teacher, teacher_processor = load_teacher(cfg.teacher.path, cfg.teacher.torch_dtype(),
+                                              cfg.teacher.attn_implementation)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     parts, stats = [], []

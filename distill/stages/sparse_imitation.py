@@ -75,7 +75,8 @@ def run(cfg: SparseImitationConfig, ctx: StageContext) -> dict[str, Any]:
     del dense
     model.config.text_config._experts_implementation = cfg.experts_implementation
     total, active = parameter_counts(model, cfg.upcycle.top_k)
-    teacher, teacher_processor = load_teacher(cfg.teacher.path, dtype=cfg.teacher.torch_dtype())
+    teacher, teacher_processor = load_teacher(cfg.teacher.path, cfg.teacher.torch_dtype(),
+                                              cfg.teacher.attn_implementation)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(cfg.data)

@@ -19,6 +19,7 @@ from distill.training.context import StageContext
 
 @dataclass
 class WorldConfig:
+    main_process_only = True  # one copy of the world / one evaluation, not one per rank
     seed: int = 0
     preset: str = "demo"
     overrides: dict[str, Any] = field(default_factory=dict)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from distill.losses.kd import KDOptions, chunked_kd_loss, paired_positions
+from distill.models.teacher import ATTN_IMPLEMENTATIONS
+from distill.training.distributed import gathered, is_zero3_engine, prepare_teacher, run_in_forward, unwrap
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 
@@ -37,13 +39,20 @@ class KDConfig(KDOptions):
 class TeacherConfig:
     path: str
     dtype: str = "auto"
-    """``auto`` (bf16 on GPU, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``."""
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``. Under DeepSpeed the
+    teacher takes the student's dtype (bf16 when ``training.bf16``)."""
+    attn_implementation: str = "auto"
+    """``auto`` (flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa), ``sdpa``,
+    ``flash_attention_2`` or ``eager``."""
 
     def __post_init__(self) -> None:
         if not (Path(self.path) / "config.json").is_file():
             raise FileNotFoundError(f"teacher.path: no checkpoint at {self.path}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"teacher.dtype={self.dtype!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"teacher.attn_implementation={self.attn_implementation!r}: expected one of "
+                             f"{ATTN_IMPLEMENTATIONS}")
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -56,6 +65,13 @@ def split_inputs(inputs: dict[str, torch.Tensor], prefix: str = "") -> dict[str,
 
 
 def last_hidden(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final (normed) hidden states, without the [tokens, vocab] logits.
+
+    Through the wrapper's forward (DDP needs it to reduce the gradients), except for a ZeRO-3 engine: the loss
+    already runs as that engine's forward (``run_in_forward``), so its backbone is called directly.
+    """
+    if is_zero3_engine(model):
+        return unwrap(model).base_model(**inputs, use_cache=False).last_hidden_state
     out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
     return out.hidden_states[-1]
 
@@ -67,26 +83,38 @@ class KDLoss:
         self.teacher = teacher
         self.cfg = cfg
         self.alpha = alpha
+        self.placed = False
+
+    def prepare(self, trainer: Any) -> None:
+        """Place the teacher once the Trainer exists: partitioned under ZeRO-3, a replica otherwise."""
+        if not self.placed:
+            self.teacher = prepare_teacher(self.teacher, trainer.accelerator)
+            self.placed = True
 
     def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
+        if not self.placed:  # no prepare(trainer) call: follow the student onto its device, once
+            self.teacher.to(inputs["input_ids"].device)
+            self.placed = True
+        # The LM heads are applied outside the models' forwards; under ZeRO-3 the student's must be gathered inside
+        # its engine's forward for DeepSpeed to reduce its gradient (elsewhere this is a plain call).
+        return run_in_forward(model, self.loss, model, inputs, num_items_in_batch)
+
+    def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
         # With distill_all_tokens the collator labelled every text token, so "labels" covers them.
         s_mask, t_mask, targets = paired_positions(inputs["labels"], inputs["teacher_labels"])
         device = inputs["input_ids"].device
-        if next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)  # follows the student onto its device once, on the first step
         t_inputs = {k: v.to(device) for k, v in split_inputs(inputs, "teacher_").items()}
         if "pixel_values" in t_inputs:
             t_inputs["pixel_values"] = t_inputs["pixel_values"].to(self.teacher.dtype)
         with torch.no_grad():
             h_t = last_hidden(self.teacher, t_inputs)[t_mask.to(device)]
         h_s = last_hidden(model, split_inputs(inputs))[s_mask]
-        head_s = model.get_output_embeddings().weight if hasattr(model, "get_output_embeddings") else None
-        if head_s is None:  # wrapped (DDP / DeepSpeed): reach the module inside
-            head_s = model.module.get_output_embeddings().weight
-        head_t = self.teacher.get_output_embeddings().weight
+        head_s = unwrap(model).get_output_embeddings().weight
+        head_t = unwrap(self.teacher).get_output_embeddings().weight
         chunk = self.cfg.chunk_size or max(h_s.size(0), 1)
-        loss, kd, ce = chunked_kd_loss(
-            h_s, head_s, h_t.to(h_s.device), head_t.to(h_s.device), targets.to(h_s.device), self.cfg,
-            self.alpha, chunk, num_items_in_batch,
-        )
+        with gathered(head_s, head_t):  # ZeRO-3 shards: full weights for the loss only
+            loss, kd, ce = chunked_kd_loss(
+                h_s, head_s, h_t.to(h_s.device), head_t.to(h_s.device), targets.to(h_s.device), self.cfg,
+                self.alpha, chunk, num_items_in_batch,
+            )
         return loss, ({"kd": kd, "ce": ce} if self.alpha < 1.0 else {"kd": kd})

@@ -13,10 +13,11 @@ from distill.data.collate import ConversationEncoder, SupervisedCollator
 from distill.data.formats import load_llava_json
 from distill.data.templates import get_template
 from distill.losses.ce import response_ce
-from distill.models.student import build_student, load_vlm, save_artifact
+from distill.models.student import build_student, load_vlm
 from distill.models.trainable import apply_trainability, merge_lora, parameter_table
 from distill.training.config import DataConfig, ModelInit, Trainability
 from distill.training.context import StageContext
+from distill.training.distributed import save_final
 from distill.training.resilience import Preempted, PreemptionCallback, last_checkpoint
 from distill.training.tracking import add_tracking, finish_wandb, start_wandb_run, tracking_arguments
 from distill.training.trainer import DistillTrainer, LossFn, training_arguments
@@ -83,7 +84,7 @@ def train(
         raise Preempted(f"stage {ctx.name}: stopped on SIGTERM at step {preemption.preempted_at} after writing "
                         f"{ctx.checkpoint_dir}/checkpoint-{preemption.preempted_at}; rerun the same command to resume")
     merge_lora(model)
-    save_artifact(model, processor, ctx.model_dir)
+    save_final(trainer, processor, ctx.model_dir)
     history = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "train_loss": result.training_loss,

@@ -46,6 +46,9 @@ class DistillTrainer(Trainer):
         self.max_nonfinite_losses = max_nonfinite_losses
         self.nonfinite_losses = 0
         self._staging = False
+        prepare = getattr(loss_fn, "prepare", None)
+        if prepare is not None:  # the loss places its teacher now that the accelerator exists (ZeRO-3 partitions it)
+            prepare(self)
         self.loss_fn = loss_fn
         # Token losses divide by num_items_in_batch themselves, so the Trainer must not rescale them by the
         # accumulation steps; per-pair losses (preference) are means per micro-batch, which it must rescale.
@@ -55,6 +58,12 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, components = self.loss_fn(model, inputs, num_items_in_batch)
+        token_mean = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        if token_mean and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts every rank's tokens and DDP/DeepSpeed average gradients over the ranks: scale
+            # back up, as the Trainer's own compute_loss does (else N processes train with 1/N of the gradient).
+            scale = self.accelerator.num_processes
+            loss, components = loss * scale, {k: v * scale for k, v in components.items()}
         if model.training and not torch.isfinite(loss.detach()).all():
             return self._skip_nonfinite(loss, return_outputs)
         if model.training:
@@ -121,7 +130,11 @@ class DistillTrainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._component_sums:
             steps = max(self.state.global_step - (self._component_since or 0), 1)
-            for name, total in self._component_sums.items():
+            names = sorted(self._component_sums)
+            totals = torch.tensor([self._component_sums[n] for n in names], device=self.args.device)
+            if self.accelerator.num_processes > 1:  # every rank logs at the same steps: average their shares
+                totals = self.accelerator.reduce(totals, reduction="mean")
+            for name, total in zip(names, totals.tolist()):
                 logs[f"loss/{name}"] = round(total / steps, 6)
             self._component_sums = {}
             self._component_since = self.state.global_step
