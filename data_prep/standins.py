@@ -183,9 +183,13 @@ class _ClipWithPatchHeads(torch.nn.Module):
         out = self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                         return_loss=True, output_hidden_states=True)
         patches = out.vision_model_output.hidden_states[-1][:, 1:]
-        dense = torch.nn.functional.cross_entropy(self.color_head(patches).flatten(0, 1), patch_colors.flatten())
-        dense = dense + torch.nn.functional.cross_entropy(self.shape_head(patches).flatten(0, 1),
-                                                          patch_shapes.flatten())
+        dense = 0.0
+        for head, labels in ((self.color_head, patch_colors), (self.shape_head, patch_shapes)):
+            # Unit-norm class directions: a margin has to come from the features themselves, so each attribute
+            # gets a high-variance direction a VLM reads as easily as colour (with a free-norm head, shape ended
+            # up linearly readable but in directions too faint for the LLM to pick up within a demo's steps).
+            logits = torch.nn.functional.linear(patches, torch.nn.functional.normalize(head.weight, dim=1), head.bias)
+            dense = dense + torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
         return {"loss": out.loss + dense}
 
 
