@@ -11,6 +11,7 @@ The image token is added to the LLM's tokenizer (and the embedding matrix grows 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,18 @@ class StudentParts:
             raise ValueError(f"student.projector={self.projector!r}: expected one of {PROJECTORS}")
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError("student.vision_feature_select_strategy must be 'default' or 'full'")
+
+
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """``auto`` is flash_attention_2 when the flash-attn package is installed and a GPU is present, else sdpa
+    (which itself runs FlashAttention kernels on recent GPUs); any other value is taken as given."""
+    if requested != "auto":
+        return requested
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
 
 
 def build_student(

@@ -10,25 +10,13 @@ the Trainer exists: distill/training/distributed.py.
 
 from __future__ import annotations
 
-import importlib.util
 import types
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from distill.models.student import load_vlm
-
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
-
-
-def resolve_attn_implementation(requested: str) -> str:
-    """``auto`` is flash_attention_2 when the flash-attn package is installed and a GPU is present, else sdpa
-    (which itself runs FlashAttention kernels on recent GPUs); any other value is taken as given."""
-    if requested != "auto":
-        return requested
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
+from distill.models.student import load_vlm, resolve_attn_implementation
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:

@@ -8,7 +8,7 @@ from typing import Any
 
 from distill.data.formats import ON_BAD_RECORD
 from distill.data.templates import get_template
-from distill.models.student import StudentParts
+from distill.models.student import ATTN_IMPLEMENTATIONS, StudentParts
 from distill.models.trainable import LoraSpec, validate_modes
 
 
@@ -50,8 +50,14 @@ class ModelInit:
 
     artifact: str | None = None
     parts: StudentParts | None = None
+    attn_implementation: str = "auto"
+    """``auto``: flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa; or any of
+    ``sdpa``, ``flash_attention_2``, ``eager``."""
 
     def __post_init__(self) -> None:
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"model.attn_implementation={self.attn_implementation!r}: expected one of "
+                             f"{ATTN_IMPLEMENTATIONS}")
         if isinstance(self.parts, dict):
             self.parts = StudentParts(**self.parts)
         if (self.artifact is None) == (self.parts is None):

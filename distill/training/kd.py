@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from distill.losses.kd import KDOptions, chunked_kd_loss, paired_positions
-from distill.models.teacher import ATTN_IMPLEMENTATIONS
+from distill.models.student import ATTN_IMPLEMENTATIONS
 from distill.training.distributed import gathered, is_zero3_engine, prepare_teacher, run_in_forward, unwrap
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")

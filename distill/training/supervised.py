@@ -13,7 +13,7 @@ from distill.data.collate import ConversationEncoder, SupervisedCollator
 from distill.data.formats import load_llava_json
 from distill.data.templates import get_template
 from distill.losses.ce import response_ce
-from distill.models.student import build_student, load_vlm
+from distill.models.student import build_student, load_vlm, resolve_attn_implementation
 from distill.models.trainable import apply_trainability, merge_lora, parameter_table
 from distill.training.config import DataConfig, ModelInit, Trainability
 from distill.training.context import StageContext
@@ -28,8 +28,11 @@ log = logging.getLogger(__name__)
 def load_model(init: ModelInit) -> tuple[PreTrainedModel, ProcessorMixin]:
     """The trainable model in fp32 master weights (mixed precision comes from the trainer settings)."""
     if init.artifact is not None:
-        return load_vlm(init.artifact, dtype=torch.float32)
-    return build_student(init.parts, dtype=torch.float32)
+        model, processor = load_vlm(init.artifact, dtype=torch.float32)
+    else:
+        model, processor = build_student(init.parts, dtype=torch.float32)
+    model.set_attn_implementation(resolve_attn_implementation(init.attn_implementation))
+    return model, processor
 
 
 def load_conversations(data: DataConfig) -> tuple[Dataset, list[dict[str, Any]]]:
