@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distill.data.templates import get_template
-from distill.models.teacher import load_teacher
 from distill.models.trainable import apply_trainability, parameter_table
 from distill.models.upcycle import UpcycleConfig, moe_blocks, parameter_counts, upcycle
+from distill.pipeline import is_main_process
 from distill.stages.imitation import build_collator
 from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass
 from distill.training.context import StageContext
-from distill.training.kd import KDConfig, TeacherConfig
+from distill.training.kd import KDConfig, TeacherConfig, open_teacher
 from distill.training.moe import RouterRecorder, SparseKDLoss, write_load_heatmap
 from distill.training.supervised import load_conversations, load_model, train
 
@@ -75,8 +75,7 @@ def run(cfg: SparseImitationConfig, ctx: StageContext) -> dict[str, Any]:
     del dense
     model.config.text_config._experts_implementation = cfg.experts_implementation
     total, active = parameter_counts(model, cfg.upcycle.top_k)
-    teacher, teacher_processor = load_teacher(cfg.teacher.path, cfg.teacher.torch_dtype(),
-                                              cfg.teacher.attn_implementation)
+    teacher, teacher_processor = open_teacher(cfg.teacher, cfg.kd, cfg.data.template, cfg.data.max_length)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(cfg.data)
@@ -87,6 +86,8 @@ def run(cfg: SparseImitationConfig, ctx: StageContext) -> dict[str, Any]:
     recorder.remove()
     layers = [i for i, _ in moe_blocks(model)]
     load = loss_fn.mean_load()
-    heatmap = write_load_heatmap(load, layers, ctx.dir)
+    png = str(ctx.dir / "expert_load.png")
+    if is_main_process():  # this rank's load; every rank's files would race for the same names
+        png = write_load_heatmap(load, layers, ctx.dir)["png"]
     return {**metrics, "data": stats, "params_total": total, "params_active": active, "moe_layers": layers,
-            "expert_load": load.tolist(), "expert_load_png": heatmap["png"]}
+            "expert_load": load.tolist(), "expert_load_png": png}
