@@ -114,9 +114,11 @@ class SupervisedCollator:
     """Batches LLaVA-format records for the student (and the teacher, if its encoder is given)."""
 
     def __init__(self, student: ConversationEncoder, image_root: str | Path | None,
-                 teacher: ConversationEncoder | None = None) -> None:
+                 teacher: ConversationEncoder | None = None, with_ids: bool = False) -> None:
         self.student = student
         self.teacher = teacher
+        self.with_ids = with_ids
+        """Also return ``record_ids`` (a list of str): a teacher cache looks its targets up by record id."""
         self.image_root = Path(image_root) if image_root is not None else None
 
     def load_image(self, record: dict[str, Any]) -> Image.Image | None:
@@ -133,4 +135,6 @@ class SupervisedCollator:
         if self.teacher is not None:
             teacher_items = [self.teacher.encode(r, im) for r, im in zip(records, images)]
             batch.update(self.teacher.batch(teacher_items, prefix="teacher_"))
+        if self.with_ids:
+            batch["record_ids"] = [str(r["id"]) for r in records]
         return batch

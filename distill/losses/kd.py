@@ -20,6 +20,12 @@ renormalised over them (``tail_bucket=False``) or with one extra bucket holding 
 
 ``paired_positions`` pairs the teacher's and the student's response positions through their label masks, so
 the two models may see different numbers of image tokens.
+
+Sparse (cached) teacher targets: ``sparse_token_divergence`` / ``chunked_sparse_kd_loss`` take, per token, the
+teacher's top-k token ids and log-probs (already at the KD temperature) plus the log of the remaining mass, as
+written by ``data_prep/teacher_cache.py``. The student is reduced to the same k tokens (+ tail bucket, or
+renormalised over them) exactly as in the top-k option above, so with k = vocabulary size the result equals the
+live teacher's full-vocabulary loss, and with the same k it equals the live ``top_k`` loss.
 """
 
 from __future__ import annotations
@@ -79,6 +85,11 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     t_logp = F.log_softmax(teacher_logits[..., :vocab].float() / tau, dim=-1)
     if opts.top_k is not None:
         s_logp, t_logp = _reduce_top_k(s_logp, t_logp, opts.top_k, opts.tail_bucket)
+    return _divergence(s_logp, t_logp, opts) * tau**2
+
+
+def _divergence(s_logp: torch.Tensor, t_logp: torch.Tensor, opts: KDOptions) -> torch.Tensor:
+    """The divergence between two (possibly reduced) log-distributions over the last dim, unscaled."""
     s_logp, t_logp = s_logp.clamp_min(_LOG_FLOOR), t_logp.clamp_min(_LOG_FLOOR)
     if opts.divergence == "forward_kl":
         div = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
@@ -97,7 +108,38 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             kl_t = (t_logp.exp() * (t_logp - mix)).sum(-1)
             kl_s = (s_logp.exp() * (s_logp - mix)).sum(-1)
             div = beta * kl_t + (1 - beta) * kl_s
-    return div * tau**2
+    return div
+
+
+def sparse_token_divergence(
+    student_logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logp: torch.Tensor,
+    target_tail: torch.Tensor,
+    opts: KDOptions,
+) -> torch.Tensor:
+    """Per-token divergence, shape [N], from [N, V] student logits to cached sparse teacher targets.
+
+    ``target_ids`` / ``target_logp`` [N, k]: the teacher's k most likely tokens (most likely first) and their
+    log-probs at temperature ``opts.temperature``; ``target_tail`` [N]: log of the mass outside them. With
+    ``opts.tail_bucket`` the divergence is taken over k + 1 buckets (forward KL:
+    ``sum_k p_k (log p_k - s_k) + m (log m - log(1 - sum_k exp s_k))``), else over the k tokens renormalised.
+    ``opts.top_k`` smaller than k keeps the first ``top_k`` targets (their tail is recomputed).
+    """
+    tau = opts.temperature
+    s_logp = F.log_softmax(student_logits.float() / tau, dim=-1)
+    ids, t_top, t_rest = target_ids.long(), target_logp.float(), target_tail.float().unsqueeze(-1)
+    if opts.top_k is not None and opts.top_k < ids.size(-1):
+        ids, t_top = ids[:, : opts.top_k], t_top[:, : opts.top_k]
+        t_rest = _log1mexp(torch.logsumexp(t_top, -1, keepdim=True))
+    s_top = s_logp.gather(-1, ids)
+    if opts.tail_bucket:
+        s_rest = _log1mexp(torch.logsumexp(s_top, -1, keepdim=True))
+        s_red, t_red = torch.cat([s_top, s_rest], -1), torch.cat([t_top, t_rest], -1)
+    else:
+        s_red = s_top - torch.logsumexp(s_top, -1, keepdim=True)
+        t_red = t_top - torch.logsumexp(t_top, -1, keepdim=True)
+    return _divergence(s_red, t_red, opts) * tau**2
 
 
 def kd_loss(
@@ -144,52 +186,90 @@ def paired_positions(student_labels: torch.Tensor, teacher_labels: torch.Tensor)
     return s_mask, t_mask, s_targets
 
 
+def _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of):
+    """Loss and its gradients chunk by chunk; ``kd_of(start, end, s_logits)`` gives a chunk's summed KD.
+
+    The gradients are stored on ``ctx`` for ``_stored_grads``; returns ``(loss, kd, ce)`` already normalised.
+    """
+    want_w = w_s.requires_grad
+    ws = w_s.detach()[:vocab]
+    grad_h = torch.empty_like(h_s)
+    # Accumulated in place chunk by chunk: no per-chunk [V, H] gradient is ever allocated.
+    grad_w = torch.zeros_like(w_s) if want_w else None
+    kd_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
+    ce_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
+    for start in range(0, h_s.size(0), chunk_size):
+        end = min(start + chunk_size, h_s.size(0))
+        hs = h_s.detach()[start:end]
+        s_logits = (hs @ ws.t()).requires_grad_(True)
+        with torch.enable_grad():
+            kd = kd_of(start, end, s_logits)
+            loss = alpha * kd
+            if alpha < 1.0:
+                ce = F.cross_entropy(s_logits.float(), targets[start:end], reduction="sum")
+                loss = loss + (1.0 - alpha) * ce
+                ce_sum += ce.detach()
+            (g_logits,) = torch.autograd.grad(loss, [s_logits])
+        del s_logits
+        g_logits = g_logits.to(ws.dtype)
+        grad_h[start:end] = g_logits @ ws
+        if want_w:
+            grad_w[:vocab].addmm_(g_logits.t(), hs)
+        kd_sum += kd.detach()
+    ctx.save_for_backward(grad_h, grad_w if want_w else torch.empty(0))
+    ctx.want_w = want_w
+    ctx.denom = denom
+    loss = (alpha * kd_sum + (1.0 - alpha) * ce_sum) / denom
+    ctx.mark_non_differentiable(kd_sum, ce_sum)
+    return loss, kd_sum / denom, ce_sum / denom
+
+
+def _stored_grads(ctx, grad_loss):
+    grad_h, grad_w = ctx.saved_tensors
+    scale = grad_loss / ctx.denom
+    return grad_h * scale.to(grad_h.dtype), grad_w * scale.to(grad_w.dtype) if ctx.want_w else None
+
+
 class _ChunkedKD(torch.autograd.Function):
     """Loss and its gradients computed chunk by chunk in forward; backward only scales the stored gradients."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, targets, opts, alpha, chunk_size, denom):
         vocab = min(w_s.size(0), w_t.size(0))
-        want_w = w_s.requires_grad
-        ws, wt = w_s.detach()[:vocab], w_t.detach()[:vocab]
-        grad_h = torch.empty_like(h_s)
-        # Accumulated in place chunk by chunk: no per-chunk [V, H] gradient is ever allocated.
-        grad_w = torch.zeros_like(w_s) if want_w else None
-        kd_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        ce_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        for start in range(0, h_s.size(0), chunk_size):
-            end = min(start + chunk_size, h_s.size(0))
-            hs = h_s.detach()[start:end]
+        wt = w_t.detach()[:vocab]
+
+        def kd_of(start: int, end: int, s_logits: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 t_logits = h_t[start:end] @ wt.t()
-            s_logits = (hs @ ws.t()).requires_grad_(True)
-            with torch.enable_grad():
-                kd = token_divergence(s_logits, t_logits, opts).sum()
-                loss = alpha * kd
-                if alpha < 1.0:
-                    ce = F.cross_entropy(s_logits.float(), targets[start:end], reduction="sum")
-                    loss = loss + (1.0 - alpha) * ce
-                    ce_sum += ce.detach()
-                (g_logits,) = torch.autograd.grad(loss, [s_logits])
-            del t_logits, s_logits
-            g_logits = g_logits.to(ws.dtype)
-            grad_h[start:end] = g_logits @ ws
-            if want_w:
-                grad_w[:vocab].addmm_(g_logits.t(), hs)
-            kd_sum += kd.detach()
-        ctx.save_for_backward(grad_h, grad_w if want_w else torch.empty(0))
-        ctx.want_w = want_w
-        ctx.denom = denom
-        loss = (alpha * kd_sum + (1.0 - alpha) * ce_sum) / denom
-        ctx.mark_non_differentiable(kd_sum, ce_sum)
-        return loss, kd_sum / denom, ce_sum / denom
+            return token_divergence(s_logits, t_logits, opts).sum()
+
+        return _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = grad_loss / ctx.denom
-        return (grad_h * scale.to(grad_h.dtype), grad_w * scale.to(grad_w.dtype) if ctx.want_w else None,
-                None, None, None, None, None, None, None)
+        return (*_stored_grads(ctx, grad_loss), None, None, None, None, None, None, None)
+
+
+class _ChunkedSparseKD(torch.autograd.Function):
+    """As ``_ChunkedKD``, against cached sparse teacher targets instead of the teacher's hidden states."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, t_ids, t_logp, t_tail, targets, opts, alpha, chunk_size, denom, vocab):
+        def kd_of(start: int, end: int, s_logits: torch.Tensor) -> torch.Tensor:
+            return sparse_token_divergence(s_logits, t_ids[start:end], t_logp[start:end], t_tail[start:end],
+                                           opts).sum()
+
+        return _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        return (*_stored_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None)
+
+
+def _denominator(n: int, num_items_in_batch: torch.Tensor | int | None) -> float:
+    denom = num_items_in_batch if num_items_in_batch is not None else n
+    denom = float(denom.item()) if isinstance(denom, torch.Tensor) else float(denom)
+    return max(denom, 1.0)
 
 
 def chunked_kd_loss(
@@ -209,9 +289,33 @@ def chunked_kd_loss(
     grad, ``student_head``). ``targets`` are the response token ids, used by the CE term.
     """
     opts = opts or KDOptions()
-    n = student_hidden.size(0)
-    denom = num_items_in_batch if num_items_in_batch is not None else n
-    denom = float(denom.item()) if isinstance(denom, torch.Tensor) else float(denom)
-    denom = max(denom, 1.0)
+    denom = _denominator(student_hidden.size(0), num_items_in_batch)
     return _ChunkedKD.apply(student_hidden, student_head, teacher_hidden.detach(), teacher_head.detach(), targets,
                             opts, float(alpha), int(chunk_size), denom)
+
+
+def chunked_sparse_kd_loss(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logp: torch.Tensor,
+    target_tail: torch.Tensor,
+    targets: torch.Tensor,
+    opts: KDOptions | None = None,
+    alpha: float = 1.0,
+    chunk_size: int = 1024,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``chunked_kd_loss`` against cached sparse teacher targets ([N, k] ids and log-probs, [N] tail log-mass).
+
+    ``vocab_size``: the teacher's vocabulary (the cache's); the student's logits are cut to it, as the live loss
+    cuts both models to their common range. It must not exceed the student's.
+    """
+    opts = opts or KDOptions()
+    vocab = student_head.size(0) if vocab_size is None else int(vocab_size)
+    if vocab > student_head.size(0):
+        raise ValueError(f"teacher cache vocabulary ({vocab}) is larger than the student's ({student_head.size(0)})")
+    denom = _denominator(student_hidden.size(0), num_items_in_batch)
+    return _ChunkedSparseKD.apply(student_hidden, student_head, target_ids, target_logp, target_tail, targets, opts,
+                                  float(alpha), int(chunk_size), denom, vocab)

@@ -6,6 +6,9 @@ vision tower or image-token count); the response positions of both are paired th
 Trainable by default: LLM + projector; the vision tower stays frozen.
 
     python -m distill recipe=demo stages.d2d.kd.divergence=jsd stages.d2d.alpha=0.5
+
+``teacher: {cache: DIR}`` (a folder from ``python -m data_prep.teacher_cache``) replaces the live teacher by its
+cached top-k log-probs: see distill/training/kd.py.
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ from typing import Any
 
 from distill.data.collate import ConversationEncoder, SupervisedCollator
 from distill.data.templates import get_template
-from distill.models.teacher import load_teacher
 from distill.models.trainable import apply_trainability, parameter_table
 from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass
 from distill.training.context import StageContext
-from distill.training.kd import KDConfig, KDLoss, TeacherConfig
+from distill.training.kd import KDConfig, KDLoss, TeacherConfig, open_teacher
 from distill.training.supervised import load_conversations, load_model, train
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,12 @@ class ImitationConfig:
 
 
 def build_collator(cfg_data: DataConfig, kd: KDConfig, processor, teacher_processor) -> SupervisedCollator:
+    """Student and teacher inputs; with a teacher cache (``teacher_processor=None``) student inputs + record ids."""
     template = get_template(cfg_data.template)
     train_on = "all" if kd.distill_all_tokens else "responses"
     student = ConversationEncoder(processor, template, cfg_data.max_length, train_on=train_on)
+    if teacher_processor is None:
+        return SupervisedCollator(student, cfg_data.image_root, with_ids=True)
     teacher = ConversationEncoder(teacher_processor, template, cfg_data.max_length, train_on=train_on)
     return SupervisedCollator(student, cfg_data.image_root, teacher=teacher)
 
@@ -63,8 +68,7 @@ def build_collator(cfg_data: DataConfig, kd: KDConfig, processor, teacher_proces
 def run(cfg: ImitationConfig, ctx: StageContext) -> dict[str, Any]:
     model, processor = load_model(cfg.model)
     processor.chat_template = get_template(cfg.data.template).jinja or None
-    teacher, teacher_processor = load_teacher(cfg.teacher.path, cfg.teacher.torch_dtype(),
-                                              cfg.teacher.attn_implementation)
+    teacher, teacher_processor = open_teacher(cfg.teacher, cfg.kd, cfg.data.template, cfg.data.max_length)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(cfg.data)

@@ -61,6 +61,9 @@ class PreferenceConfig:
     def __post_init__(self) -> None:
         self.model = as_dataclass(self.model, ModelInit)
         self.teacher = as_dataclass(self.teacher, TeacherConfig)
+        if self.teacher.path is None:
+            raise ValueError("preference.teacher: needs the teacher checkpoint (teacher.path): a top-k cache holds "
+                             "no sequence log-probs; precompute_reference keeps the teacher out of memory instead")
         self.data = as_dataclass(self.data, DataConfig)
         self.trainable = as_dataclass(self.trainable, Trainability)
         if self.loss_type not in LOSS_TYPES:

@@ -3,18 +3,35 @@
 Both models are called through their normal forward (so DDP / DeepSpeed hooks run) with
 ``output_hidden_states=True`` and ``logits_to_keep=1``: the full [tokens, vocab] logits are never built there;
 the chunked loss applies each model's LM head to the paired response positions only.
+
+Offline teacher: ``teacher: {cache: DIR}`` instead of ``{path: ...}`` reads the teacher's top-k log-probs that
+``python -m data_prep.teacher_cache`` wrote (``TeacherCache``); no teacher is loaded. The collator then carries
+each record's id (``record_ids``) and the loss looks its targets up by id, since the Trainer shuffles records.
 """
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import ProcessorMixin
 
-from distill.losses.kd import KDOptions, chunked_kd_loss, paired_positions
+from distill.losses.kd import (
+    KDOptions,
+    chunked_kd_loss,
+    chunked_sparse_kd_loss,
+    paired_positions,
+    shifted_response_mask,
+)
 from distill.models.student import ATTN_IMPLEMENTATIONS
+from distill.models.teacher import load_teacher
 from distill.training.distributed import gathered, is_zero3_engine, prepare_teacher, run_in_forward, unwrap
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
@@ -37,7 +54,10 @@ class KDConfig(KDOptions):
 
 @dataclass
 class TeacherConfig:
-    path: str
+    path: str | None = None
+    """A teacher checkpoint (run live); exactly one of ``path`` and ``cache``."""
+    cache: str | None = None
+    """A teacher cache folder from ``python -m data_prep.teacher_cache`` (no teacher in memory)."""
     dtype: str = "auto"
     """``auto`` (bf16 on GPU, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``. Under DeepSpeed the
     teacher takes the student's dtype (bf16 when ``training.bf16``)."""
@@ -46,7 +66,12 @@ class TeacherConfig:
     ``flash_attention_2`` or ``eager``."""
 
     def __post_init__(self) -> None:
-        if not (Path(self.path) / "config.json").is_file():
+        if (self.path is None) == (self.cache is None):
+            raise ValueError("teacher: give exactly one of path (a checkpoint) and cache (a teacher cache folder)")
+        if self.cache is not None and not (Path(self.cache) / MANIFEST).is_file():
+            raise FileNotFoundError(f"teacher.cache: no {MANIFEST} in {self.cache} (unfinished cache? rerun "
+                                    "python -m data_prep.teacher_cache with the same arguments to complete it)")
+        if self.path is not None and not (Path(self.path) / "config.json").is_file():
             raise FileNotFoundError(f"teacher.path: no checkpoint at {self.path}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"teacher.dtype={self.dtype!r}")
@@ -58,6 +83,74 @@ class TeacherConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return getattr(torch, self.dtype)
+
+
+MANIFEST = "manifest.json"
+CACHE_FORMAT = "distill-teacher-cache/1"
+
+
+class TeacherCache:
+    """Read side of a teacher cache: per record id, the teacher's top-k targets on its response tokens.
+
+    A shard ``shard-NNNNN.safetensors`` holds, for its records in order: ``offsets`` [n + 1] (each record's
+    first token row), ``ids`` [T, k] int32 and ``logp`` [T, k] (fp16 or fp32) the teacher's k most likely tokens
+    and log-probs at the manifest's temperature, ``tail`` [T] fp32 the log of the remaining mass, ``targets``
+    [T] int32 the response token ids (checked against the student's); its metadata ``record_ids`` (JSON) names
+    the records. Shards stay loaded in a small LRU.
+    """
+
+    def __init__(self, root: str | Path, max_loaded_shards: int = 8) -> None:
+        self.root = Path(root)
+        self.manifest = json.loads((self.root / MANIFEST).read_text())
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{self.root}: format {self.manifest.get('format')!r}, expected {CACHE_FORMAT!r}")
+        self.top_k, self.vocab_size = int(self.manifest["top_k"]), int(self.manifest["vocab_size"])
+        self.temperature = float(self.manifest["temperature"])
+        self.index: dict[str, tuple[int, int]] = {}
+        for shard_no, shard in enumerate(self.manifest["shards"]):
+            with safe_open(self.root / shard["file"], framework="pt") as f:
+                for row, rid in enumerate(json.loads(f.metadata()["record_ids"])):
+                    self.index[rid] = (shard_no, row)
+        self.max_loaded = max_loaded_shards
+        self.loaded: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+
+    def check(self, kd: KDConfig, template: str, max_length: int) -> None:
+        """Refuse a cache written for other loss or data settings (its targets would silently be wrong)."""
+        want = {"temperature": kd.temperature, "template": template, "max_length": max_length,
+                "train_on": "all" if kd.distill_all_tokens else "responses"}
+        wrong = {k: (self.manifest.get(k), v) for k, v in want.items() if self.manifest.get(k) != v}
+        if wrong:
+            raise ValueError(f"teacher cache {self.root} was written with other settings (cache, config): {wrong}; "
+                             "rebuild it with python -m data_prep.teacher_cache")
+        if kd.top_k is not None and kd.top_k > self.top_k:
+            raise ValueError(f"kd.top_k={kd.top_k} exceeds the cache's top_k={self.top_k}")
+
+    def _shard(self, shard_no: int) -> dict[str, torch.Tensor]:
+        if shard_no in self.loaded:
+            self.loaded.move_to_end(shard_no)
+        else:
+            self.loaded[shard_no] = load_file(self.root / self.manifest["shards"][shard_no]["file"])
+            if len(self.loaded) > self.max_loaded:
+                self.loaded.popitem(last=False)
+        return self.loaded[shard_no]
+
+    def lookup(self, record_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The records' targets concatenated in order (``ids``, ``logp``, ``tail``, ``targets``), plus
+        ``lengths`` [B]: how many response tokens each record has in the cache."""
+        parts: dict[str, list[torch.Tensor]] = {"ids": [], "logp": [], "tail": [], "targets": []}
+        lengths = []
+        for rid in record_ids:
+            if rid not in self.index:
+                raise KeyError(f"record {rid!r} is not in the teacher cache {self.root}")
+            shard_no, row = self.index[rid]
+            shard = self._shard(shard_no)
+            lo, hi = int(shard["offsets"][row]), int(shard["offsets"][row + 1])
+            for key in parts:
+                parts[key].append(shard[key][lo:hi])
+            lengths.append(hi - lo)
+        out = {k: torch.cat(v) for k, v in parts.items()}
+        out["lengths"] = torch.tensor(lengths, dtype=torch.long)
+        return out
 
 
 def split_inputs(inputs: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -77,9 +170,10 @@ def last_hidden(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torc
 
 
 class KDLoss:
-    """``alpha * KD + (1 - alpha) * CE`` for the DistillTrainer; holds the frozen teacher (never trained)."""
+    """``alpha * KD + (1 - alpha) * CE`` for the DistillTrainer; holds the frozen teacher (never trained), or a
+    ``TeacherCache`` of its top-k targets in its place."""
 
-    def __init__(self, teacher: torch.nn.Module, cfg: KDConfig, alpha: float) -> None:
+    def __init__(self, teacher: torch.nn.Module | TeacherCache, cfg: KDConfig, alpha: float) -> None:
         self.teacher = teacher
         self.cfg = cfg
         self.alpha = alpha
@@ -87,11 +181,13 @@ class KDLoss:
 
     def prepare(self, trainer: Any) -> None:
         """Place the teacher once the Trainer exists: partitioned under ZeRO-3, a replica otherwise."""
-        if not self.placed:
+        if not self.placed and not isinstance(self.teacher, TeacherCache):
             self.teacher = prepare_teacher(self.teacher, trainer.accelerator)
             self.placed = True
 
     def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
+        if isinstance(self.teacher, TeacherCache):
+            return run_in_forward(model, self.cached_loss, model, inputs, num_items_in_batch)
         if not self.placed:  # no prepare(trainer) call: follow the student onto its device, once
             self.teacher.to(inputs["input_ids"].device)
             self.placed = True
@@ -118,3 +214,36 @@ class KDLoss:
                 self.alpha, chunk, num_items_in_batch,
             )
         return loss, ({"kd": kd, "ce": ce} if self.alpha < 1.0 else {"kd": kd})
+
+    def cached_loss(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any):
+        """As ``loss``, with the teacher's targets looked up in the cache by record id."""
+        labels = inputs["labels"]
+        s_mask = shifted_response_mask(labels)
+        targets = labels[:, 1:][s_mask[:, :-1]]
+        cached = self.teacher.lookup(inputs["record_ids"])
+        if not torch.equal(cached["lengths"], s_mask.sum(1).cpu()) or not torch.equal(
+                cached["targets"].long(), targets.cpu()):
+            raise ValueError(f"teacher cache {self.teacher.root}: the cached response tokens differ from the "
+                             "student's for these records (another tokenizer, template or max_length?)")
+        h_s = last_hidden(model, split_inputs(inputs))[s_mask]
+        head_s = unwrap(model).get_output_embeddings().weight
+        chunk = self.cfg.chunk_size or max(h_s.size(0), 1)
+        dev = h_s.device
+        with gathered(head_s):
+            loss, kd, ce = chunked_sparse_kd_loss(
+                h_s, head_s, cached["ids"].to(dev), cached["logp"].to(dev), cached["tail"].to(dev), targets.to(dev),
+                self.cfg, self.alpha, chunk, num_items_in_batch, vocab_size=self.teacher.vocab_size,
+            )
+        return loss, ({"kd": kd, "ce": ce} if self.alpha < 1.0 else {"kd": kd})
+
+
+def open_teacher(
+    cfg: TeacherConfig, kd: KDConfig, template: str, max_length: int
+) -> tuple[torch.nn.Module | TeacherCache, ProcessorMixin | None]:
+    """``(teacher, teacher_processor)``: the frozen live teacher and its processor, or a checked
+    ``TeacherCache`` and ``None`` (the collator then needs no teacher inputs)."""
+    if cfg.cache is not None:
+        cache = TeacherCache(cfg.cache)
+        cache.check(kd, template, max_length)
+        return cache, None
+    return load_teacher(cfg.path, cfg.torch_dtype(), cfg.attn_implementation)
