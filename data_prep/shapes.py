@@ -55,7 +55,7 @@ from PIL import Image, ImageDraw
 logger = logging.getLogger(__name__)
 
 # Bump when the generator's output changes so stale worlds are regenerated rather than reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -466,19 +466,19 @@ def available_qtypes(scene: Scene) -> list[str]:
 
 
 def _sample_existence(rng: random.Random, scene: Scene, want: str | None = None) -> dict[str, Any]:
-    """Balanced yes/no: negatives are an absent shape or an absent colour+shape combination."""
+    """Yes/no balanced within each form: "Is there a <shape>?" (POPE's form: a no is an absent shape) and "Is
+    there a <colour> <shape>?" (a no prefers a present shape in another colour: attribute binding)."""
     want = want or rng.choice(("yes", "no"))
-    if want == "yes":
-        o = rng.choice(scene.objects)
-        return {"shape": o.shape, "color": o.color} if rng.random() < 0.5 else {"shape": o.shape}
     absent_shapes = [s for s in SHAPES if s not in scene.shapes()]
     present_combos = {(o.color, o.shape) for o in scene.objects}
-    # Prefer combos whose shape is present: they are the harder (attribute-binding) negatives.
     hard_combos = [(c, s) for s in SHAPES if s in scene.shapes() for c in COLORS if (c, s) not in present_combos]
-    if absent_shapes and (not hard_combos or rng.random() < 0.5):
-        shape = rng.choice(absent_shapes)
-        return {"shape": shape, "color": rng.choice(COLORS)} if rng.random() < 0.3 else {"shape": shape}
-    color, shape = rng.choice(hard_combos)
+    shape_only = rng.random() < 0.5 and (want == "yes" or bool(absent_shapes))
+    if want == "yes":
+        o = rng.choice(scene.objects)
+        return {"shape": o.shape} if shape_only else {"shape": o.shape, "color": o.color}
+    if shape_only:
+        return {"shape": rng.choice(absent_shapes)}
+    color, shape = rng.choice(hard_combos or [(c, s) for s in absent_shapes for c in COLORS])
     return {"shape": shape, "color": color}
 
 
