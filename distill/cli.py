@@ -28,7 +28,8 @@ def _main(cfg: DictConfig) -> None:
     from distill.pipeline import run_pipeline
     from distill.training.resilience import Preempted
 
-    logging.getLogger("distill").setLevel(logging.INFO)
+    # Every rank runs the pipeline; only rank 0 narrates it (the Trainer already logs and reports from rank 0 only).
+    logging.getLogger("distill").setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
     try:
         run_pipeline(cfg)
     except Preempted as stop:
