@@ -51,6 +51,21 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             **{k: Path(v) for k, v in paths.items()}}
 
 
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_world, tmp_path_factory) -> Path:
+    """``teacher/`` (large LLM) and ``student/`` (small LLM) VLM artifacts built from the tiny world's stand-ins."""
+    from transformers import set_seed
+
+    from distill.models.student import StudentParts, build_student, save_artifact
+
+    root = tmp_path_factory.mktemp("artifacts")
+    for seed, name, llm in ((0, "teacher", "llm_large"), (1, "student", "llm_small")):
+        set_seed(seed)
+        model, processor = build_student(StudentParts(str(tiny_world["vision_tower"]), str(tiny_world[llm])))
+        save_artifact(model, processor, root / name)
+    return root
+
+
 @pytest.fixture
 def cpu_training() -> dict:
     """TrainingArguments for a few quick CPU steps."""

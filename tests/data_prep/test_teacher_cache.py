@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-from transformers import set_seed
 
 from data_prep.teacher_cache import TeacherCacheConfig, build_teacher_cache
 from distill.data.formats import load_llava_json
-from distill.models.student import StudentParts, build_student, load_vlm, save_artifact
+from distill.models.student import load_vlm
 from distill.stages.imitation import ImitationConfig, build_collator
 from distill.training.config import DataConfig
 from distill.training.context import StageContext
@@ -21,15 +20,8 @@ N_RECORDS = 20
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_world, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache_artifacts")
-    set_seed(0)
-    teacher, tproc = build_student(StudentParts(str(tiny_world["vision_tower"]), str(tiny_world["llm_large"])))
-    save_artifact(teacher, tproc, root / "teacher")
-    set_seed(1)
-    student, sproc = build_student(StudentParts(str(tiny_world["vision_tower"]), str(tiny_world["llm_small"])))
-    save_artifact(student, sproc, root / "student")
-    return root
+def artifacts(tiny_artifacts):
+    return tiny_artifacts
 
 
 def _cache_cfg(tiny_world, artifacts, out, **kw) -> TeacherCacheConfig:

@@ -9,22 +9,15 @@ from transformers import set_seed
 
 from distill.data.formats import load_llava_json
 from distill.losses.kd import kd_loss, paired_positions
-from distill.models.student import StudentParts, build_student, load_vlm, save_artifact
+from distill.models.student import load_vlm
 from distill.stages.imitation import ImitationConfig, build_collator
 from distill.training.context import StageContext
 from distill.training.kd import KDConfig
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_world, tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    set_seed(0)
-    teacher, tproc = build_student(StudentParts(str(tiny_world["vision_tower"]), str(tiny_world["llm_large"])))
-    save_artifact(teacher, tproc, root / "teacher")
-    set_seed(1)
-    student, sproc = build_student(StudentParts(str(tiny_world["vision_tower"]), str(tiny_world["llm_small"])))
-    save_artifact(student, sproc, root / "student")
-    return root
+def artifacts(tiny_artifacts):
+    return tiny_artifacts
 
 
 def _config(tiny_world, artifacts, training, **kw):
