@@ -21,6 +21,12 @@ Run::
 
     python -m data_prep.teacher_cache --teacher runs/demo/teacher/model --data data/shapes/instruct.json \\
         --image-root data/shapes/images --out runs/demo/teacher_cache --top-k 64
+
+Several GPUs: launch it with torchrun (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK). Rank r writes
+the shards i with i % WORLD_SIZE == r on ``cuda:LOCAL_RANK``; rank 0 writes the plan first and the manifest once
+every shard exists. Shards depend only on their records, so the files are the same for any number of processes.
+
+    torchrun --nproc-per-node 8 -m data_prep.teacher_cache --teacher ... --data ... --out ...
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +123,11 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _wait_for(path: Path, poll_s: float = 1.0) -> None:
+    while not path.is_file():
+        time.sleep(poll_s)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
@@ -157,6 +169,9 @@ def build_teacher_cache(cfg: TeacherCacheConfig, max_new_shards: int | None = No
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = cfg.plan()
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank != 0:
+        _wait_for(out / PLAN)  # written by rank 0 only: ranks racing on one rename would fail
     if (out / PLAN).is_file():
         old = json.loads((out / PLAN).read_text())
         if old != json.loads(json.dumps(plan)):
@@ -170,9 +185,14 @@ def build_teacher_cache(cfg: TeacherCacheConfig, max_new_shards: int | None = No
     ids = _record_ids(dataset)
     n_shards = (len(ids) + cfg.records_per_shard - 1) // cfg.records_per_shard
     names = [f"shard-{i:05d}.safetensors" for i in range(n_shards)]
-    todo = [i for i in range(n_shards) if not (out / names[i]).is_file()]
+    todo = [i for i in range(n_shards) if i % world == rank and not (out / names[i]).is_file()]
     if todo:
         _write_shards(cfg, out, dataset, ids, names, todo, max_new_shards)
+    if rank != 0:
+        return None
+    if world > 1 and max_new_shards is None:
+        for name in names:  # the other ranks' shards (a launcher stops every rank if one fails)
+            _wait_for(out / name)
     if any(not (out / name).is_file() for name in names):
         return None
 
@@ -198,7 +218,8 @@ def build_teacher_cache(cfg: TeacherCacheConfig, max_new_shards: int | None = No
 
 def _write_shards(cfg: TeacherCacheConfig, out: Path, dataset, ids: list[str], names: list[str], todo: list[int],
                   max_new_shards: int | None) -> None:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     teacher, processor = load_teacher(cfg.teacher, DTYPES[cfg.teacher_dtype])
     teacher.to(device)
@@ -206,7 +227,8 @@ def _write_shards(cfg: TeacherCacheConfig, out: Path, dataset, ids: list[str], n
     collator = SupervisedCollator(encoder, cfg.image_root)
     per = cfg.records_per_shard
     done = (len(names) - len(todo)) * per
-    with tqdm(total=len(ids), initial=min(done, len(ids)), desc="teacher cache", unit="rec") as bar:
+    with tqdm(total=len(ids), initial=min(done, len(ids)), desc="teacher cache", unit="rec",
+              disable=int(os.environ.get("RANK", "0")) != 0) as bar:
         for written, shard_no in enumerate(todo):
             if max_new_shards is not None and written >= max_new_shards:
                 return

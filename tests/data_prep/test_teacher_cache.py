@@ -4,6 +4,10 @@ equal KD losses and gradients on the tiny world; a small k differs by a bounded 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +60,20 @@ def test_interrupted_build_resumes_to_the_same_bytes(tiny_world, artifacts, cach
     assert manifest["records"] == N_RECORDS and len(manifest["shards"]) == 3 and manifest["top_k"] == 8
     with pytest.raises(ValueError, match="other settings"):
         build_teacher_cache(_cache_cfg(tiny_world, artifacts, tmp_path / "resumed", top_k=16))
+
+
+def test_two_processes_write_the_same_cache(tiny_world, artifacts, caches, tmp_path):
+    """torchrun with 2 ranks: each writes every other shard, rank 0 the manifest; same bytes as one process."""
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+           "-m", "data_prep.teacher_cache", "--teacher", str(artifacts / "teacher"),
+           "--data", str(tiny_world["data"] / "instruct.json"), "--image-root", str(tiny_world["images"]),
+           "--out", str(out), "--limit", str(N_RECORDS), "--records-per-shard", "8", "--batch-size", "4",
+           "--top-k", "8", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _files(out) == _files(caches["k8"])
 
 
 def _loss_and_grads(loss_fn, student, batch):
