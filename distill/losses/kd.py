@@ -186,21 +186,26 @@ def paired_positions(student_labels: torch.Tensor, teacher_labels: torch.Tensor)
     return s_mask, t_mask, s_targets
 
 
-def _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of):
+def _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of, matmul_dtype=None):
     """Loss and its gradients chunk by chunk; ``kd_of(start, end, s_logits)`` gives a chunk's summed KD.
 
+    The three LM-head matrix products (logits, grad of the hidden states, grad of the head) run in
+    ``matmul_dtype`` (default: the hidden states' dtype); the head's gradient is still accumulated in its own dtype.
     The gradients are stored on ``ctx`` for ``_stored_grads``; returns ``(loss, kd, ce)`` already normalised.
     """
     want_w = w_s.requires_grad
-    ws = w_s.detach()[:vocab]
+    mm = matmul_dtype or h_s.dtype
+    ws = w_s.detach()[:vocab].to(mm)
     grad_h = torch.empty_like(h_s)
-    # Accumulated in place chunk by chunk: no per-chunk [V, H] gradient is ever allocated.
+    # Accumulated in place chunk by chunk: no per-chunk [V, H] gradient is allocated (one reused buffer when the
+    # products run in a narrower dtype than the head's, as addmm_ cannot mix dtypes).
     grad_w = torch.zeros_like(w_s) if want_w else None
+    buf = torch.empty_like(ws) if want_w and mm != w_s.dtype else None
     kd_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
     for start in range(0, h_s.size(0), chunk_size):
         end = min(start + chunk_size, h_s.size(0))
-        hs = h_s.detach()[start:end]
+        hs = h_s.detach()[start:end].to(mm)
         s_logits = (hs @ ws.t()).requires_grad_(True)
         with torch.enable_grad():
             kd = kd_of(start, end, s_logits)
@@ -211,9 +216,12 @@ def _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of):
                 ce_sum += ce.detach()
             (g_logits,) = torch.autograd.grad(loss, [s_logits])
         del s_logits
-        g_logits = g_logits.to(ws.dtype)
+        g_logits = g_logits.to(mm)
         grad_h[start:end] = g_logits @ ws
-        if want_w:
+        if buf is not None:
+            torch.mm(g_logits.t(), hs, out=buf)
+            grad_w[:vocab] += buf
+        elif want_w:
             grad_w[:vocab].addmm_(g_logits.t(), hs)
         kd_sum += kd.detach()
     ctx.save_for_backward(grad_h, grad_w if want_w else torch.empty(0))
@@ -234,7 +242,7 @@ class _ChunkedKD(torch.autograd.Function):
     """Loss and its gradients computed chunk by chunk in forward; backward only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, targets, opts, alpha, chunk_size, denom):
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, opts, alpha, chunk_size, denom, matmul_dtype):
         vocab = min(w_s.size(0), w_t.size(0))
         wt = w_t.detach()[:vocab]
 
@@ -243,27 +251,27 @@ class _ChunkedKD(torch.autograd.Function):
                 t_logits = h_t[start:end] @ wt.t()
             return token_divergence(s_logits, t_logits, opts).sum()
 
-        return _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of)
+        return _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of, matmul_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        return (*_stored_grads(ctx, grad_loss), None, None, None, None, None, None, None)
+        return (*_stored_grads(ctx, grad_loss), None, None, None, None, None, None, None, None)
 
 
 class _ChunkedSparseKD(torch.autograd.Function):
     """As ``_ChunkedKD``, against cached sparse teacher targets instead of the teacher's hidden states."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, t_ids, t_logp, t_tail, targets, opts, alpha, chunk_size, denom, vocab):
+    def forward(ctx, h_s, w_s, t_ids, t_logp, t_tail, targets, opts, alpha, chunk_size, denom, vocab, matmul_dtype):
         def kd_of(start: int, end: int, s_logits: torch.Tensor) -> torch.Tensor:
             return sparse_token_divergence(s_logits, t_ids[start:end], t_logp[start:end], t_tail[start:end],
                                            opts).sum()
 
-        return _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of)
+        return _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of, matmul_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        return (*_stored_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None)
+        return (*_stored_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None, None)
 
 
 def _denominator(n: int, num_items_in_batch: torch.Tensor | int | None) -> float:
@@ -282,16 +290,19 @@ def chunked_kd_loss(
     alpha: float = 1.0,
     chunk_size: int = 1024,
     num_items_in_batch: torch.Tensor | int | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``alpha * KD + (1 - alpha) * CE`` from paired hidden states [N, H] and LM-head weights [V, H].
 
     Returns ``(loss, kd, ce)``; only ``loss`` carries gradients (into ``student_hidden`` and, if it requires
-    grad, ``student_head``). ``targets`` are the response token ids, used by the CE term.
+    grad, ``student_head``). ``targets`` are the response token ids, used by the CE term. ``matmul_dtype``
+    (e.g. bf16 under mixed precision, where the hidden states and master weights are fp32): the dtype of the
+    student's LM-head products; the softmaxes and divergences stay in fp32 either way.
     """
     opts = opts or KDOptions()
     denom = _denominator(student_hidden.size(0), num_items_in_batch)
     return _ChunkedKD.apply(student_hidden, student_head, teacher_hidden.detach(), teacher_head.detach(), targets,
-                            opts, float(alpha), int(chunk_size), denom)
+                            opts, float(alpha), int(chunk_size), denom, matmul_dtype)
 
 
 def chunked_sparse_kd_loss(
@@ -306,6 +317,7 @@ def chunked_sparse_kd_loss(
     chunk_size: int = 1024,
     num_items_in_batch: torch.Tensor | int | None = None,
     vocab_size: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``chunked_kd_loss`` against cached sparse teacher targets ([N, k] ids and log-probs, [N] tail log-mass).
 
@@ -318,4 +330,4 @@ def chunked_sparse_kd_loss(
         raise ValueError(f"teacher cache vocabulary ({vocab}) is larger than the student's ({student_head.size(0)})")
     denom = _denominator(student_hidden.size(0), num_items_in_batch)
     return _ChunkedSparseKD.apply(student_hidden, student_head, target_ids, target_logp, target_tail, targets, opts,
-                                  float(alpha), int(chunk_size), denom, vocab)
+                                  float(alpha), int(chunk_size), denom, vocab, matmul_dtype)

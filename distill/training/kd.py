@@ -48,11 +48,25 @@ class KDConfig(KDOptions):
     """Tokens per chunk of the LM-head + loss computation; 0 computes all at once."""
     distill_all_tokens: bool = False
     """KD (and CE) on every text token, prompt included, instead of the responses only."""
+    head_dtype: str = "auto"
+    """dtype of the student's LM-head products inside the loss: ``auto`` is bf16 when the Trainer trains in bf16
+    (the loss runs outside the forward's autocast, on fp32 hidden states and master weights) and the hidden
+    states' dtype otherwise; or ``bf16`` / ``fp32``. Softmaxes and divergences are fp32 in every case."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.chunk_size < 0:
             raise ValueError("kd.chunk_size must be >= 0")
+        if self.head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"kd.head_dtype={self.head_dtype!r}: expected one of {sorted(HEAD_DTYPES)}")
+
+    def matmul_dtype(self, bf16_training: bool) -> torch.dtype | None:
+        if self.head_dtype == "auto":
+            return torch.bfloat16 if bf16_training else None
+        return HEAD_DTYPES[self.head_dtype]
+
+
+HEAD_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -181,9 +195,12 @@ class KDLoss:
         self.cfg = cfg
         self.alpha = alpha
         self.placed = False
+        self.matmul_dtype = cfg.matmul_dtype(bf16_training=False)
 
     def prepare(self, trainer: Any) -> None:
-        """Place the teacher once the Trainer exists: partitioned under ZeRO-3, a replica otherwise."""
+        """Place the teacher once the Trainer exists: partitioned under ZeRO-3, a replica otherwise; and pick the
+        LM-head products' dtype from the Trainer's precision."""
+        self.matmul_dtype = self.cfg.matmul_dtype(bool(getattr(trainer.args, "bf16", False)))
         if not self.placed and not isinstance(self.teacher, TeacherCache):
             self.teacher = prepare_teacher(self.teacher, trainer.accelerator)
             self.placed = True
@@ -214,7 +231,7 @@ class KDLoss:
         with gathered(head_s, head_t):  # ZeRO-3 shards: full weights for the loss only
             loss, kd, ce = chunked_kd_loss(
                 h_s, head_s, h_t.to(h_s.device), head_t.to(h_s.device), targets.to(h_s.device), self.cfg,
-                self.alpha, chunk, num_items_in_batch,
+                self.alpha, chunk, num_items_in_batch, self.matmul_dtype,
             )
         return loss, ({"kd": kd, "ce": ce} if self.alpha < 1.0 else {"kd": kd})
 
@@ -236,6 +253,7 @@ class KDLoss:
             loss, kd, ce = chunked_sparse_kd_loss(
                 h_s, head_s, cached["ids"].to(dev), cached["logp"].to(dev), cached["tail"].to(dev), targets.to(dev),
                 self.cfg, self.alpha, chunk, num_items_in_batch, vocab_size=self.teacher.vocab_size,
+                matmul_dtype=self.matmul_dtype,
             )
         return loss, ({"kd": kd, "ce": ce} if self.alpha < 1.0 else {"kd": kd})
 

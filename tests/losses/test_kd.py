@@ -109,6 +109,37 @@ def test_chunked_equals_plain_values_and_gradients(divergence, alpha, top_k):
     torch.testing.assert_close(alpha * kd + (1 - alpha) * ce, loss)
 
 
+def test_bf16_head_products_track_fp32_and_keep_fp32_gradients():
+    """``matmul_dtype=bf16`` (mixed-precision training): fp32 hidden states and head in, bf16 products inside;
+    loss and gradients stay within bf16 rounding of the fp32 computation and come back in fp32 (the head's
+    gradient accumulated over the chunks in fp32)."""
+    torch.manual_seed(0)
+    n, h, v = 40, 16, 64
+    hs = torch.randn(n, h, requires_grad=True)
+    ws = (torch.randn(v, h) * 0.3).requires_grad_(True)
+    ht, wt = torch.randn(n, h), torch.randn(v, h) * 0.3
+    targets = torch.randint(0, v, (n,))
+    ref = chunked_kd_loss(hs, ws, ht, wt, targets, KDOptions(), 0.5, chunk_size=8)[0]
+    g_ref = torch.autograd.grad(ref, [hs, ws])
+    low = chunked_kd_loss(hs, ws, ht, wt, targets, KDOptions(), 0.5, chunk_size=8, matmul_dtype=torch.bfloat16)[0]
+    g_low = torch.autograd.grad(low, [hs, ws])
+    assert low.dtype == torch.float32 and all(g.dtype == torch.float32 for g in g_low)
+    torch.testing.assert_close(low, ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(g_low, g_ref):
+        assert (a - b).norm() / b.norm() < 2e-2
+    assert not torch.equal(g_low[1], g_ref[1])  # the products really ran in bf16
+
+
+def test_head_dtype_follows_the_trainers_precision():
+    from distill.training.kd import KDConfig
+
+    assert KDConfig().matmul_dtype(bf16_training=True) == torch.bfloat16
+    assert KDConfig().matmul_dtype(bf16_training=False) is None
+    assert KDConfig(head_dtype="fp32").matmul_dtype(bf16_training=True) == torch.float32
+    with pytest.raises(ValueError, match="head_dtype"):
+        KDConfig(head_dtype="fp16")
+
+
 def test_paired_positions_handle_different_image_token_counts():
     # Student: 2 image tokens; teacher: 5. The same response [7, 8, 9] after a 1-token prompt.
     s_labels = torch.tensor([[-100, -100, -100, 7, 8, 9, -100]])
