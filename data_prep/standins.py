@@ -11,6 +11,8 @@ checkpoints so that the real loading code paths are the ones exercised:
   what 400M pairs give real CLIP: patch features in which objects' attributes are linearly readable with
   wide margins. Contrastive training alone on a thousand pairs leaves them readable but ill-conditioned, and
   a small VLM on top then needs far more steps than a CPU demo has to learn to read them.
+- ``vision_tower_siglip/`` (when ``vision_towers`` lists ``siglip``): the same, SigLIP architecture and SigLIP's
+  pairwise sigmoid loss; no CLS token, so a student built on it uses ``vision_feature_select_strategy=full``.
 
     python -m data_prep.standins --world runs/demo/world/data --out runs/demo/world
 
@@ -37,12 +39,18 @@ from transformers import (
     CLIPTextConfig,
     CLIPVisionModel,
     DataCollatorForLanguageModeling,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2ForCausalLM,
+    SiglipConfig,
+    SiglipModel,
+    SiglipTextConfig,
+    SiglipVisionModel,
     Trainer,
     TrainingArguments,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from distill.data.templates import TEMPLATES
 from distill.models.tiny import LLMSize, VisionSize
@@ -50,6 +58,8 @@ from distill.models.tiny import LLMSize, VisionSize
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VISION_ARCHS = {"clip": "vision_tower", "siglip": "vision_tower_siglip"}
+"""Vision stand-in architectures and the folder each is written to."""
 
 
 @dataclass
@@ -67,6 +77,8 @@ class StandinConfig:
     vision_steps: int = 300
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
+    vision_towers: tuple[str, ...] = ("clip",)
+    """Which vision stand-ins to build: ``clip`` (``vision_tower/``) and/or ``siglip`` (``vision_tower_siglip/``)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,6 +86,11 @@ class StandinConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, cls(**value))
+        self.vision_towers = tuple(self.vision_towers)
+        unknown = set(self.vision_towers) - set(VISION_ARCHS)
+        if unknown or not self.vision_towers:
+            raise ValueError(f"standins.vision_towers={list(self.vision_towers)}: expected a non-empty subset of "
+                             f"{list(VISION_ARCHS)}")
 
 
 def _done(path: Path) -> bool:
@@ -170,9 +187,10 @@ def pretrain_llm(documents: list[str], tokenizer_dir: Path, size: LLMSize, out: 
 
 
 class _ClipWithPatchHeads(torch.nn.Module):
-    """CLIP's contrastive loss plus per-patch colour and shape classification on the last layer's patches."""
+    """The dual encoder's own loss (CLIP's contrastive or SigLIP's sigmoid) plus per-patch colour and shape
+    classification on the last layer's patch tokens (CLIP's CLS token excluded)."""
 
-    def __init__(self, clip: CLIPModel, n_colors: int, n_shapes: int) -> None:
+    def __init__(self, clip: CLIPModel | SiglipModel, n_colors: int, n_shapes: int) -> None:
         super().__init__()
         self.clip = clip
         hidden = clip.config.vision_config.hidden_size
@@ -180,9 +198,12 @@ class _ClipWithPatchHeads(torch.nn.Module):
         self.shape_head = torch.nn.Linear(hidden, n_shapes + 1)
 
     def forward(self, input_ids, attention_mask, pixel_values, patch_colors, patch_shapes, return_loss=True):
-        out = self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                        return_loss=True, output_hidden_states=True)
-        patches = out.vision_model_output.hidden_states[-1][:, 1:]
+        text = {"input_ids": input_ids}
+        if isinstance(self.clip, CLIPModel):  # SigLIP's text tower pools its last position: no attention mask
+            text["attention_mask"] = attention_mask
+        out = self.clip(**text, pixel_values=pixel_values, return_loss=True, output_hidden_states=True)
+        hidden = out.vision_model_output.hidden_states[-1]
+        patches = hidden[:, hidden.shape[1] - patch_colors.shape[1]:]
         dense = 0.0
         for head, labels in ((self.color_head, patch_colors), (self.shape_head, patch_shapes)):
             # Unit-norm class directions: a margin has to come from the features themselves, so each attribute
@@ -208,14 +229,16 @@ def _patch_labels(scene: dict[str, Any], grid: int) -> tuple[list[int], list[int
 
 
 class _ClipCollator:
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, processor: CLIPImageProcessorPil, image_root: Path,
-                 grid: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, processor: Any, image_root: Path, grid: int,
+                 fixed_width: int | None = None):
         self.tokenizer, self.processor, self.image_root, self.grid = tokenizer, processor, image_root, grid
         self.eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.fixed_width = fixed_width
+        """SigLIP pads every caption to the full length, as its text tower pools the last position."""
 
     def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         texts = [self.tokenizer(r["caption"], add_special_tokens=False)["input_ids"][:62] + [self.eot] for r in records]
-        width = max(len(t) for t in texts)
+        width = self.fixed_width or max(len(t) for t in texts)
         ids = torch.full((len(texts), width), self.eot, dtype=torch.long)
         mask = torch.zeros((len(texts), width), dtype=torch.long)
         for i, t in enumerate(texts):
@@ -229,26 +252,33 @@ class _ClipCollator:
                 "patch_shapes": torch.tensor([s for _, s in labels])}
 
 
-def pretrain_vision_tower(world: Path, tokenizer_dir: Path, size: VisionSize, out: Path, cfg: StandinConfig) -> Path:
-    """CLIP-style contrastive training on (image, caption) pairs; keeps the vision half."""
+def _dual_encoder(arch: str, tokenizer: PreTrainedTokenizerFast, size: VisionSize) -> tuple[PreTrainedModel, Any]:
+    """A randomly initialised CLIP or SigLIP dual encoder (2-layer text tower) and its image processor."""
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text = {"vocab_size": len(tokenizer), "hidden_size": size.hidden_size, "intermediate_size": size.intermediate_size,
+            "num_hidden_layers": 2, "num_attention_heads": size.num_attention_heads, "max_position_embeddings": 64,
+            "eos_token_id": eot, "pad_token_id": eot, "bos_token_id": eot}
+    if arch == "clip":
+        config = CLIPConfig(text_config=CLIPTextConfig(**text, projection_dim=size.projection_dim).to_dict(),
+                            vision_config=size.clip_vision_config().to_dict(), projection_dim=size.projection_dim)
+        processor = CLIPImageProcessorPil(size={"shortest_edge": size.image_size},
+                                          crop_size={"height": size.image_size, "width": size.image_size})
+        return CLIPModel(config), processor
+    vision = {k: v for k, v in size.__dict__.items() if k != "projection_dim"}
+    config = SiglipConfig(text_config=SiglipTextConfig(**text).to_dict(), vision_config=vision)
+    processor = SiglipImageProcessorPil(size={"height": size.image_size, "width": size.image_size})
+    return SiglipModel(config), processor
+
+
+def pretrain_vision_tower(world: Path, tokenizer_dir: Path, size: VisionSize, out: Path, cfg: StandinConfig,
+                          arch: str = "clip") -> Path:
+    """Dual-encoder training on (image, caption) pairs with CLIP's or SigLIP's loss (``arch``) plus the dense
+    patch heads; keeps the vision half as a ``CLIPVisionModel`` / ``SiglipVisionModel``."""
     if _done(out):
         return out
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=size.hidden_size, intermediate_size=size.intermediate_size,
-        num_hidden_layers=2, num_attention_heads=size.num_attention_heads, max_position_embeddings=64,
-        eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, projection_dim=size.projection_dim,
-    )
-    config = CLIPConfig(
-        text_config=text_config.to_dict(), vision_config=size.clip_vision_config().to_dict(),
-        projection_dim=size.projection_dim,
-    )
     torch.manual_seed(cfg.seed)
-    clip = CLIPModel(config)
-    processor = CLIPImageProcessorPil(
-        size={"shortest_edge": size.image_size}, crop_size={"height": size.image_size, "width": size.image_size}
-    )
+    dual, processor = _dual_encoder(arch, tokenizer, size)
     captions = json.loads((world / "captions.json").read_text())
     scenes = {}
     for line in (world / "scenes" / "train.jsonl").read_text().splitlines():
@@ -258,14 +288,14 @@ def pretrain_vision_tower(world: Path, tokenizer_dir: Path, size: VisionSize, ou
                for r in captions]
     from data_prep.shapes import COLORS, SHAPES
 
-    model = _ClipWithPatchHeads(clip, len(COLORS), len(SHAPES))
+    model = _ClipWithPatchHeads(dual, len(COLORS), len(SHAPES))
     grid = size.image_size // size.patch_size
+    collator = _ClipCollator(tokenizer, processor, world / "images", grid, fixed_width=64 if arch == "siglip" else None)
     tmp = _fresh_tmp(out)
-    _fit(model, records, _ClipCollator(tokenizer, processor, world / "images", grid), tmp / "trainer",
-         cfg.vision_steps, cfg.vision_batch_size, cfg.vision_lr, cfg.seed)
+    _fit(model, records, collator, tmp / "trainer", cfg.vision_steps, cfg.vision_batch_size, cfg.vision_lr, cfg.seed)
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
-    vision = CLIPVisionModel(config.vision_config)
-    vision.load_state_dict(clip.vision_model.state_dict())
+    vision = (CLIPVisionModel if arch == "clip" else SiglipVisionModel)(dual.config.vision_config)
+    vision.load_state_dict(dual.vision_model.state_dict())
     vision.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     return _publish(tmp, out)
@@ -294,11 +324,13 @@ def build_standins(world: Path | str, out: Path | str, cfg: StandinConfig | None
     world, out = Path(world), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     documents = chat_documents(world)
-    paths = {name: out / name for name in ("tokenizer", "llm_small", "llm_large", "vision_tower")}
+    paths = {name: out / name for name in ("tokenizer", "llm_small", "llm_large")}
     train_tokenizer(documents, paths["tokenizer"], cfg.vocab_size)
     pretrain_llm(documents, paths["tokenizer"], cfg.small, paths["llm_small"], cfg)
     pretrain_llm(documents, paths["tokenizer"], cfg.large, paths["llm_large"], cfg)
-    pretrain_vision_tower(world, paths["tokenizer"], cfg.vision, paths["vision_tower"], cfg)
+    for arch in cfg.vision_towers:
+        paths[VISION_ARCHS[arch]] = out / VISION_ARCHS[arch]
+        pretrain_vision_tower(world, paths["tokenizer"], cfg.vision, paths[VISION_ARCHS[arch]], cfg, arch)
     (out / "standins.json").write_text(json.dumps(asdict(cfg), indent=1))
     return {k: str(v) for k, v in paths.items()}
 

@@ -53,3 +53,39 @@ def test_cli_runs_the_demo_recipe_end_to_end(tmp_path, tiny_recipe):
     assert [r["model"] for r in rows] == ["teacher", "adapter_init", "d2d", "d2s", "preference"]
     assert rows[0]["kl_teacher"] == pytest.approx(0.0, abs=1e-6)  # the teacher against itself
     assert all(r["kl_teacher"] > 0 for r in rows[1:])
+
+
+def _students_cfg(run_dir: Path, tiny: list[str]):
+    # The students recipe already has a stages.world.standins block: the tiny stand-ins are merged into it.
+    tiny = [o.replace("+stages.world.standins=", "++stages.world.standins=") for o in tiny]
+    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
+        return compose("config", overrides=["recipe=students", f"run.dir={run_dir}", *tiny,
+                                            "stages.world.standins.vision_towers=[clip,siglip]"])
+
+
+def test_students_recipe_composes_five_student_lines(tmp_path, tiny_recipe):
+    cfg = _students_cfg(tmp_path, tiny_recipe)
+    order = validate(cfg)
+    assert order[:2] == ["world", "teacher"] and order[-1] == "compare"
+    stages = cfg.stages
+    parts = {p: stages[f"{p}adapter_init"].model.parts for p in ("", "siglip_", "ldp_", "resampler_", "modality_")}
+    assert parts["siglip_"].vision_tower.endswith("vision_tower_siglip")
+    assert parts["siglip_"].vision_feature_select_strategy == "full"
+    assert (parts["ldp_"].projector, parts["resampler_"].projector) == ("ldp", "resampler")
+    assert parts["modality_"].modality_experts.layers == "all"
+    # every line continues from its own previous stage
+    for p in ("siglip_", "ldp_", "resampler_", "modality_"):
+        assert stages[f"{p}d2d"].model.artifact.endswith(f"{p}adapter_init/model")
+        assert stages[f"{p}preference"].model.artifact.endswith(f"{p}d2s/model")
+    assert set(stages.compare.models) == {"teacher", "clip_mlp", "siglip", "ldp", "resampler", "modality"}
+
+
+def test_students_recipe_runs_end_to_end(tmp_path, tiny_recipe):
+    """Every student line trains through adapter init -> D2D -> D2S -> preference; the comparison has a row each."""
+    run_pipeline(_students_cfg(tmp_path, tiny_recipe))
+    rows = {r["model"]: r for r in json.loads((tmp_path / "compare" / "results.json").read_text())}
+    assert set(rows) == {"teacher", "clip_mlp", "siglip", "ldp", "resampler", "modality"}
+    patches = 16  # the tiny towers' 4x4 patch grid (conftest); LDP pools it 2x2, the resampler has 4 queries
+    assert rows["clip_mlp"]["image_tokens"] == rows["siglip"]["image_tokens"] == patches
+    assert rows["ldp"]["image_tokens"] == rows["resampler"]["image_tokens"] == 4
+    assert rows["modality"]["params_total_m"] > rows["clip_mlp"]["params_total_m"]  # the visual experts

@@ -7,20 +7,23 @@ Built from local checkpoints only:
     model, processor = load_vlm("runs/x/adapter_init/model")   # plain AutoModelForImageTextToText
 
 The image token is added to the LLM's tokenizer (and the embedding matrix grows to match) when it lacks one.
+``projector="mlp2x_gelu"`` (LLaVA's) gives a plain ``LlavaForConditionalGeneration``; the token-compressing
+``ldp`` and ``resampler`` give a ``DistillLlavaForConditionalGeneration`` (distill/models/vlm.py), which
+``load_vlm`` reloads once ``distill.models`` is imported.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
-    AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
     LlavaConfig,
@@ -30,11 +33,19 @@ from transformers import (
     ProcessorMixin,
 )
 
+from distill.models.modality import ModalityExpertsConfig, add_modality_experts, load_with_modality_experts
+from distill.models.vlm import (
+    DistillLlavaConfig,
+    DistillLlavaForConditionalGeneration,
+    DistillLlavaProcessor,
+    projector_options,
+)
+
 log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
-# Only projectors that reload as a plain Llava model; token-compressing ones come with their own issue.
-PROJECTORS = ("mlp2x_gelu",)
+# mlp2x_gelu keeps one token per patch (a plain Llava model); ldp and resampler compress (distill/models/vlm.py).
+PROJECTORS = ("mlp2x_gelu", "ldp", "resampler")
 
 
 @dataclass
@@ -44,18 +55,35 @@ class StudentParts:
     vision_tower: str
     llm: str
     projector: str = "mlp2x_gelu"
+    """``mlp2x_gelu`` (LLaVA-1.5), ``ldp`` (MobileVLM v2, pools the patch grid) or ``resampler`` (learned queries)."""
+    projector_config: dict[str, Any] = field(default_factory=dict)
+    """Options of ``ldp`` (``stride``, ``pooled_grid``) or ``resampler`` (``num_queries``, ``num_layers``,
+    ``num_heads``); see distill/models/vlm.py. ``mlp2x_gelu`` takes none."""
     vision_feature_layer: int = -2
     """LLaVA takes the second-to-last layer's patch features."""
     vision_feature_select_strategy: str = "default"
     """``default`` drops the CLS token, ``full`` keeps it."""
+    modality_experts: ModalityExpertsConfig | None = None
+    """Mono-InternVL-style visual FFN experts (image tokens to copies of the text FFNs, static routing), e.g.
+    ``{layers: all, train: all}``; see distill/models/modality.py. None: a plain LLM."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.modality_experts, dict) or hasattr(self.modality_experts, "keys"):
+            self.modality_experts = ModalityExpertsConfig(**dict(self.modality_experts))
         for name in ("vision_tower", "llm"):
             path = Path(getattr(self, name))
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"student.{name}: no transformers checkpoint at {path} (config.json missing)")
         if self.projector not in PROJECTORS:
             raise ValueError(f"student.projector={self.projector!r}: expected one of {PROJECTORS}")
+        self.projector_config = dict(self.projector_config or {})  # hydra hands over a DictConfig
+        if self.projector == "mlp2x_gelu" and self.projector_config:
+            raise ValueError(f"student.projector_config={self.projector_config}: mlp2x_gelu takes no options")
+        if self.projector != "mlp2x_gelu":
+            try:
+                projector_options(self.projector, self.projector_config)
+            except ValueError as err:
+                raise ValueError(f"student.{err}") from err
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError("student.vision_feature_select_strategy must be 'default' or 'full'")
 
@@ -88,13 +116,22 @@ def build_student(
     image_processor = AutoProcessor.from_pretrained(parts.vision_tower)
 
     vision = AutoModel.from_pretrained(parts.vision_tower, dtype=dtype)
+    vision_config = vision.config
+    patch_tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+    extra = _extra_vision_tokens(vision, patch_tokens)
+    if extra == 0 and parts.vision_feature_select_strategy == "default":
+        raise ValueError("this vision tower has no CLS token (SigLIP-style): use vision_feature_select_strategy=full")
+    compressing = parts.projector != "mlp2x_gelu"
+    if compressing and extra > 0 and parts.vision_feature_select_strategy == "full":
+        raise ValueError(f"student.projector={parts.projector} works on the patch grid: use "
+                         "vision_feature_select_strategy=default to drop this tower's CLS token")
+
     llm = AutoModelForCausalLM.from_pretrained(parts.llm, dtype=dtype)
     if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
         # Keep the padded size when the checkpoint already has room (Qwen pads its vocab to a multiple of 128).
         llm.resize_token_embeddings(len(tokenizer))
 
-    vision_config = vision.config
-    config = LlavaConfig(
+    llava_fields = dict(
         vision_config=vision_config,
         text_config=llm.config,
         image_token_index=image_token_id,
@@ -104,26 +141,35 @@ def build_student(
         multimodal_projector_bias=True,
         tie_word_embeddings=llm.config.tie_word_embeddings,
     )
-    model = LlavaForConditionalGeneration(config).to(dtype)
+    if compressing:
+        config = DistillLlavaConfig(**llava_fields, projector_type=parts.projector,
+                                    projector_config=parts.projector_config)
+        model = DistillLlavaForConditionalGeneration(config).to(dtype)
+    else:
+        model = LlavaForConditionalGeneration(LlavaConfig(**llava_fields)).to(dtype)
+        config = model.config
     _load_exact(model.model.vision_tower, vision.state_dict(), "vision tower")
     _load_exact(model.model.language_model, llm.model.state_dict(), "LLM")
     _load_exact(model.lm_head, llm.lm_head.state_dict(), "LM head")
     if config.tie_word_embeddings:
         model.tie_weights()
 
-    patch_tokens = (vision_config.image_size // vision_config.patch_size) ** 2
-    extra = _extra_vision_tokens(vision, patch_tokens)
-    if extra == 0 and parts.vision_feature_select_strategy == "default":
-        raise ValueError("this vision tower has no CLS token (SigLIP-style): use vision_feature_select_strategy=full")
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=vision_config.patch_size,
-        vision_feature_select_strategy=parts.vision_feature_select_strategy,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=extra,  # CLIP's CLS token (dropped again by "default"); none for SigLIP
-    )
-    log.info("student assembled: %d image tokens, vocab %d", patch_tokens, len(tokenizer))
+    if compressing:
+        # The projector's output count, which LlavaProcessor's one-per-patch rule would not give.
+        processor = DistillLlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                          image_token=IMAGE_TOKEN, image_seq_length=config.image_seq_length)
+    else:
+        processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=vision_config.patch_size,
+            vision_feature_select_strategy=parts.vision_feature_select_strategy,
+            image_token=IMAGE_TOKEN,
+            num_additional_image_tokens=extra,  # CLIP's CLS token (dropped again by "default"); none for SigLIP
+        )
+    if parts.modality_experts is not None:
+        add_modality_experts(model, parts.modality_experts)  # exact at initialisation: copies of the text FFNs
+    log.info("student assembled: %s projector, %d patches, vocab %d", parts.projector, patch_tokens, len(tokenizer))
     return model, processor
 
 
@@ -149,7 +195,8 @@ def load_vlm(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTra
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no transformers checkpoint at {path} (config.json missing)")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto")
+    # A plain AutoModelForImageTextToText load, unless the config records modality experts to rebuild first.
+    model = load_with_modality_experts(path, dtype=dtype or "auto")
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
 

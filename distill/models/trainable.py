@@ -7,7 +7,8 @@
 
 Components are found by attribute path in the Llava layout (``model.vision_tower``, ``model.multi_modal_projector``,
 ``model.language_model`` + ``lm_head``); MoE students add ``experts`` (every MoE layer's experts, shared expert
-included) and ``router`` (every MoE layer's router) views inside the LLM. ``frozen`` means "not opened": with
+included) and ``router`` (every MoE layer's router) views inside the LLM; students with modality experts
+(distill/models/modality.py) add ``visual_experts`` (every layer's visual FFN). ``frozen`` means "not opened": with
 ``{llm: frozen, experts: full}`` only the experts of the LLM train.
 """
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
+
+from distill.models.modality import visual_experts
 
 MODES = ("frozen", "full", "lora")
 COMPONENTS: dict[str, tuple[str, ...]] = {
@@ -38,6 +41,9 @@ class LoraSpec:
 
 
 MOE_COMPONENTS = ("experts", "router")
+VISUAL_EXPERTS = "visual_experts"
+VIEWS = (*MOE_COMPONENTS, VISUAL_EXPERTS)
+"""Components inside the LLM, opened on top of (or instead of) the whole ``llm``."""
 
 
 def _moe_parts(model: nn.Module, component: str) -> list[nn.Module]:
@@ -56,13 +62,19 @@ def _moe_parts(model: nn.Module, component: str) -> list[nn.Module]:
 
 
 def component_modules(model: nn.Module, component: str) -> list[nn.Module]:
+    if component == VISUAL_EXPERTS:
+        mods = [m for _, m in visual_experts(model)]
+        if not mods:
+            raise ValueError(f"component {component!r} needs a student with modality experts "
+                             "(distill/models/modality.py)")
+        return mods
     if component in MOE_COMPONENTS:
         mods = _moe_parts(model, component)
         if not mods:
             raise ValueError(f"component {component!r} needs an MoE student (upcycle first)")
         return mods
     if component not in COMPONENTS:
-        known = sorted(COMPONENTS) + list(MOE_COMPONENTS)
+        known = sorted(COMPONENTS) + list(VIEWS)
         raise ValueError(f"unknown component {component!r}; expected one of {known}")
     mods = []
     for path in COMPONENTS[component]:
@@ -75,9 +87,9 @@ def component_modules(model: nn.Module, component: str) -> list[nn.Module]:
 
 def validate_modes(modes: dict[str, str]) -> None:
     for comp, mode in modes.items():
-        if comp not in COMPONENTS and comp not in MOE_COMPONENTS:
+        if comp not in COMPONENTS and comp not in VIEWS:
             raise ValueError(f"trainable.{comp}: unknown component; expected one of "
-                             f"{sorted(COMPONENTS) + list(MOE_COMPONENTS)}")
+                             f"{sorted(COMPONENTS) + list(VIEWS)}")
         if mode not in MODES:
             raise ValueError(f"trainable.{comp}={mode!r}: expected one of {MODES}")
 
@@ -128,9 +140,10 @@ def parameter_table(model: nn.Module) -> str:
     """A table of total and trainable parameters per component (plus whatever sits outside them)."""
     seen: set[int] = set()
     rows = []
-    # MoE parts first, so the llm row counts what is left of the LLM.
+    # MoE parts and visual experts first, so the llm row counts what is left of the LLM.
     moe = [c for c in MOE_COMPONENTS if _moe_parts(model, c)] if hasattr(model, "model") else []
-    for comp in [*moe, *COMPONENTS]:
+    visual = [VISUAL_EXPERTS] if hasattr(model, "model") and visual_experts(model) else []
+    for comp in [*moe, *visual, *COMPONENTS]:
         total = trainable = 0
         for mod in component_modules(model, comp):
             for p in mod.parameters():

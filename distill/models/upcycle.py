@@ -16,6 +16,8 @@ Router initialisation (``router_init``): ``normal`` draws N(0, ``router_std``) w
 but close to uniform; ``zeros`` starts every token with equal scores (top-k then falls back to the first experts
 until the router learns). Neither changes the output at conversion, since all experts are equal.
 The result is a plain transformers model: it saves and reloads with ``AutoModelForImageTextToText``.
+A student with modality experts (distill/models/modality.py) keeps them (the text FFN is upcycled, the visual
+expert stays the dense FFN it was) and reloads with ``load_with_modality_experts``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any
 
 import torch
 from transformers import MixtralConfig, PretrainedConfig, PreTrainedModel, Qwen2MoeConfig, Qwen3MoeConfig
+
+from distill.models.modality import restore_modality_experts
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +156,7 @@ def upcycle(model: PreTrainedModel, cfg: UpcycleConfig) -> PreTrainedModel:
     config = model.config.__class__(**{**model.config.to_dict(), "text_config": moe_text.to_dict()})
     config.text_config = moe_text
     new = type(model)(config).to(model.dtype)
+    restore_modality_experts(new)  # their weights pass through _convert_state under their own names
     state = _convert_state(model.state_dict(), "model.language_model.", moe_layers, cfg, family.shared_expert)
     missing, unexpected = new.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]

@@ -29,4 +29,8 @@ class AdapterInitConfig:
         self.data = as_dataclass(self.data, DataConfig)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        return supervised_stage(ctx, self.model, self.data, Trainability(dict(ONLY_PROJECTOR)))
+        modes = dict(ONLY_PROJECTOR)
+        experts = self.model.parts.modality_experts if self.model.parts is not None else None
+        if experts is not None:  # new visual experts learn here too (or alone, with train: visual_only)
+            modes = experts.trainable_modes(modes)
+        return supervised_stage(ctx, self.model, self.data, Trainability(modes))

@@ -9,8 +9,9 @@ before the first model is loaded.
 
 Columns: ``<label>_acc`` (+ ``<label>_<question type>``) per VQA-like benchmark, ``<label>_f1/_acc/_yes`` per
 POPE file, ``pope_f1`` (mean over ``pope``), ``chair_s/_i/_recall``, ``kl_teacher`` (with ``kl_reference``), and
-efficiency: ``tokens_per_s``, ``latency_ms_per_sample``, ``params_total_m``, ``params_active_m`` (parameters used
-per token: an MoE model counts top-k of each MoE layer's experts; dense: equal to the total) and, on CUDA only,
+efficiency: ``image_tokens`` (LLM positions one image takes), ``tokens_per_s``, ``latency_ms_per_sample``,
+``params_total_m``, ``params_active_m`` (parameters used per token: an MoE model counts top-k of each MoE
+layer's experts; dense: equal to the total) and, on CUDA only,
 ``peak_mem_mb`` (peak allocated memory while the model is loaded and generates, net of what was allocated before,
 e.g. the KL reference; absent on CPU, where it is not measured).
 
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from distill.data.collate import ConversationEncoder, SupervisedCollator
+from distill.data.collate import ConversationEncoder, SupervisedCollator, count_image_tokens
 from distill.data.formats import IMAGE_PLACEHOLDER
 from distill.data.templates import get_template
 from distill.losses.kd import kd_loss, paired_positions
@@ -154,6 +155,7 @@ def evaluate_model(cfg: EvalConfig, gen: Generator, data: dict[str, tuple[Benchm
         res = chair_metrics(caps, [r["objects"] for r in chair], synonyms)
         row.update({"chair_s": res["CHAIR_s"], "chair_i": res["CHAIR_i"], "chair_recall": res["recall"]})
         predictions["chair"] = [{"image": r["image"], "caption": c} for r, c in zip(chair, caps)]
+    row["image_tokens"] = count_image_tokens(gen.processor)
     row.update(gen.stats.as_dict())
     row.update(parameter_columns(gen.model))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +223,7 @@ def run(cfg: EvalConfig, ctx: Any) -> dict[str, Any]:
     extra = [f"{b.label}_{'f1' if b.kind == 'pope' else 'acc'}" for b in suites if b.label in cfg.benchmarks]
     write_report(rows, ctx.dir, ["vqa_acc", "pope_f1", "chair_i", *extra])
     headline = ["model", "vqa_acc", "kl_teacher", "pope_f1", "pope_adversarial_f1", "chair_s", "chair_i", *extra,
-                "tokens_per_s", "params_total_m", "params_active_m", "peak_mem_mb"]
+                "image_tokens", "tokens_per_s", "params_total_m", "params_active_m", "peak_mem_mb"]
     table = markdown_table(rows, columns=[c for c in headline if any(c in r for r in rows)], floatfmt=".4f")
     log.info("evaluation (%s):\n%s", ctx.dir / "results.md", table)
     if start_wandb_run(ctx, getattr(ctx, "report_to", None)):

@@ -147,7 +147,7 @@ class PreferenceLoss:
             loss = loss + cfg.nll_coef * nll
             parts["nll"] = nll.detach()
         if self.recorder is not None and cfg.aux_coef > 0:
-            aux = load_balancing_loss(self.recorder.take(), self.top_k, inputs["attention_mask"])
+            aux = load_balancing_loss(self.recorder.take_valid(inputs.get("attention_mask")), self.top_k)
             loss = loss + cfg.aux_coef * aux
             parts["aux"] = aux.detach()
         return loss, parts

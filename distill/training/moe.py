@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from distill.losses.router import expert_load, load_balancing_loss, router_entropy, router_z_loss
+from distill.models.modality import router_token_masks
 from distill.models.upcycle import moe_blocks
 from distill.training.kd import KDConfig, KDLoss
 
@@ -39,6 +40,16 @@ class RouterRecorder:
         self.logits = {}
         return out
 
+    def take_valid(self, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """As ``take``, each layer's logits cut to the real (non-padding) tokens its router saw. Behind modality
+        experts a router sees only the text rows, so the padding mask is lined up with those rows first."""
+        if attention_mask is None:
+            return self.take()
+        masks = dict(zip((i for i, _ in self.blocks), router_token_masks(self.blocks, attention_mask), strict=True))
+        out = [x[masks[i].to(x.device)] for i, x in ((i, self.logits[i]) for i, _ in self.blocks if i in self.logits)]
+        self.logits = {}
+        return out
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
@@ -58,20 +69,19 @@ class SparseKDLoss(KDLoss):
     def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
         self.recorder.take()
         loss, parts = super().__call__(model, inputs, num_items_in_batch)
-        router_logits = self.recorder.take()
-        mask = inputs["attention_mask"]
-        aux = load_balancing_loss(router_logits, self.top_k, mask)
+        router_logits = self.recorder.take_valid(inputs.get("attention_mask"))  # padding rows already cut
+        aux = load_balancing_loss(router_logits, self.top_k)
         loss = loss + self.aux_coef * aux
         parts["aux"] = aux.detach()
         if self.z_coef > 0:
-            z = router_z_loss(router_logits, mask)
+            z = router_z_loss(router_logits)
             loss = loss + self.z_coef * z
             parts["z"] = z.detach()
         if model.training:
-            load = expert_load(router_logits, self.top_k, mask).cpu()
+            load = expert_load(router_logits, self.top_k).cpu()
             self.load_sum += load
             self.batches += 1
-            entropy = router_entropy(router_logits, mask).cpu()
+            entropy = router_entropy(router_logits).cpu()
             for row, (layer, _) in enumerate(self.recorder.blocks):
                 parts[f"router_entropy/L{layer}"] = entropy[row]
                 for e in range(load.size(1)):

@@ -260,9 +260,9 @@ class ExpertLoadCallback(TrainerCallback):
         self._passes = 0
 
     def _after_forward(self, module, args, kwargs, output) -> None:
-        router_logits = self.recorder.take()
+        router_logits = self.recorder.take_valid(kwargs.get("attention_mask"))
         if module.training and router_logits:
-            load = expert_load(router_logits, self.top_k, kwargs.get("attention_mask"))
+            load = expert_load(router_logits, self.top_k)
             self._sum = load if self._sum is None else self._sum + load
             self._passes += 1
 

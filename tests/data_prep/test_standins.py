@@ -39,3 +39,38 @@ def test_tokenizer_knows_chat_format_and_answer_words(tiny_world, tmp_path):
     tok = train_tokenizer(docs, tmp_path / "tok", vocab_size=1000)
     for word in ("yes", "no"):
         assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+
+
+def test_siglip_standin_builds_and_assembles(tiny_world, tmp_path):
+    """``vision_towers: [siglip]`` writes a SigLIP tower (no CLS token) that a student assembles with 'full'."""
+    import shutil
+
+    from data_prep.standins import StandinConfig, build_standins
+    from distill.data.collate import count_image_tokens
+    from distill.models.student import StudentParts, build_student
+    from tests.conftest import TINY_STANDINS
+
+    out = tmp_path / "standins"
+    out.mkdir()
+    for name in ("tokenizer", "llm_small", "llm_large"):  # reuse the session's; only the tower is new
+        shutil.copytree(tiny_world[name], out / name)
+    paths = build_standins(tiny_world["data"], out, StandinConfig(**{**TINY_STANDINS, "vision_towers": ["siglip"]}))
+    assert "vision_tower" not in paths
+    vision = AutoModel.from_pretrained(paths["vision_tower_siglip"])
+    assert vision.config.model_type == "siglip_vision_model"
+    patches = (vision.config.image_size // vision.config.patch_size) ** 2
+    with torch.no_grad():
+        pixels = torch.zeros(1, 3, vision.config.image_size, vision.config.image_size)
+        assert vision(pixel_values=pixels).last_hidden_state.shape[1] == patches
+    _, processor = build_student(StudentParts(paths["vision_tower_siglip"], str(tiny_world["llm_small"]),
+                                              vision_feature_select_strategy="full"))
+    assert count_image_tokens(processor) == patches
+
+
+def test_unknown_vision_standin_is_rejected():
+    import pytest
+
+    from data_prep.standins import StandinConfig
+
+    with pytest.raises(ValueError, match="vision_towers"):
+        StandinConfig(vision_towers=["vit"])

@@ -98,6 +98,8 @@ def test_eval_stage_reports_extra_benchmarks_and_efficiency(tiny_world, artifact
         assert [k for k in row if k.startswith("textvqa_")] == ["textvqa_acc"]
         assert (row["coco_pope_f1"], row["coco_pope_yes"]) == (row["pope_random_f1"], row["pope_random_yes"])
         assert "params_m" not in row and row["params_total_m"] > 0
+        side = tiny_world_image_grid(tiny_world)
+        assert row["image_tokens"] == side * side  # CLIP's CLS token dropped by the 'default' strategy
         assert ("peak_mem_mb" in row) == torch.cuda.is_available()
     dense_row, moe_row = rows
     assert dense_row["params_active_m"] == dense_row["params_total_m"]
@@ -131,3 +133,10 @@ def test_eval_config_rejects_a_label_of_a_builtin(tiny_world, artifacts):
         EvalConfig(models=artifacts, data_dir=str(tiny_world["data"]),
                    image_root=str(tiny_world["images"]),
                    benchmarks={"pope_random": {"format": "pope", "questions": "eval/pope_random.jsonl"}})
+
+
+def tiny_world_image_grid(tiny_world) -> int:
+    from transformers import AutoConfig
+
+    vision = AutoConfig.from_pretrained(tiny_world["vision_tower"])
+    return vision.image_size // vision.patch_size

@@ -48,3 +48,26 @@ def test_adapter_init_trains_only_the_projector(tiny_world, tmp_path, cpu_traini
     assert not [n for n in before.state_dict() if "multi_modal_projector" in n and n in same]
     assert _caption_loss(after, processor_after, tiny_world) < loss_before
     assert metrics["global_step"] == 12
+
+
+def test_adapter_init_with_modality_experts_trains_projector_and_visual_experts(tiny_world, tmp_path, cpu_training):
+    """``parts.modality_experts`` (train: all): the student is built with visual FFN experts, adapter init opens
+    them next to the projector, the text FFNs and the rest stay bit-identical, and the artifact reloads with them."""
+    parts = {"vision_tower": str(tiny_world["vision_tower"]), "llm": str(tiny_world["llm_small"]),
+             "modality_experts": {"layers": "all", "train": "all"}}
+    set_seed(0)
+    before, _ = build_student(StudentParts(**parts))
+    cfg = AdapterInitConfig(
+        model={"parts": parts},
+        data={"train": [str(tiny_world["data"] / "captions.json")], "image_root": str(tiny_world["images"])},
+        training={**cpu_training, "max_steps": 4},
+    )
+    set_seed(0)
+    cfg.run(StageContext(name="adapter_init", run_dir=tmp_path, training=cfg.training))
+    after, _ = load_vlm(tmp_path / "adapter_init" / "model")
+
+    after_state = after.state_dict()
+    assert set(after_state) == set(before.state_dict())  # the visual experts came back with the artifact
+    changed = {n for n, v in before.state_dict().items() if not torch.equal(v, after_state[n])}
+    assert any("visual_expert" in n for n in changed) and any("multi_modal_projector" in n for n in changed)
+    assert all("visual_expert" in n or "multi_modal_projector" in n for n in changed)
