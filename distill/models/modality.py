@@ -87,13 +87,16 @@ class ModalityExpertsConfig:
         return sorted(set(self.layers))
 
     def trainable_modes(self, stage_modes: dict[str, str]) -> dict[str, str]:
-        """The per-component modes a stage applies (distill/models/trainable.py).
+        """The per-component modes of a stage that builds the student from parts (adapter init, SFT).
 
         ``all`` adds the visual experts to the stage's own modes: they are new and should learn even where the
-        stage keeps the rest of the LLM frozen (adapter init, D2S). ``visual_only`` opens them alone.
+        stage keeps the rest of the LLM frozen (adapter init). ``visual_only`` opens them alone, plus the projector
+        if the stage trains it (a freshly initialised projector must learn for the experts to see anything).
+        Stages that load an artifact (D2D, D2S, preference) take their own ``trainable.modes``: list
+        ``visual_experts: full`` there to keep training them.
         """
         if self.train == "visual_only":
-            return {"visual_experts": "full"}
+            return {"visual_experts": "full", "projector": stage_modes.get("projector", "frozen")}
         return {**stage_modes, "visual_experts": stage_modes.get("visual_experts", "full")}
 
 

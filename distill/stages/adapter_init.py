@@ -29,8 +29,5 @@ class AdapterInitConfig:
         self.data = as_dataclass(self.data, DataConfig)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        modes = dict(ONLY_PROJECTOR)
-        experts = self.model.parts.modality_experts if self.model.parts is not None else None
-        if experts is not None:  # new visual experts learn here too (or alone, with train: visual_only)
-            modes = experts.trainable_modes(modes)
-        return supervised_stage(ctx, self.model, self.data, Trainability(modes))
+        # With parts.modality_experts, supervised_stage opens the new visual experts too.
+        return supervised_stage(ctx, self.model, self.data, Trainability(dict(ONLY_PROJECTOR)))

@@ -32,6 +32,7 @@ from distill.data.collate import ConversationEncoder, SupervisedCollator, count_
 from distill.data.formats import IMAGE_PLACEHOLDER
 from distill.data.templates import get_template
 from distill.losses.kd import kd_loss, paired_positions
+from distill.models.modality import visual_experts
 from distill.models.student import load_vlm
 from distill.models.upcycle import parameter_counts
 from distill.training.kd import split_inputs
@@ -136,6 +137,8 @@ def parameter_columns(model: torch.nn.Module) -> dict[str, float | None]:
         except AttributeError:  # an MoE whose layers are not laid out as model.language_model.layers[i].mlp
             log.warning("%s: MoE layers not found, params_active_m left out", type(model).__name__)
             active = None
+    if active is not None:  # a token takes its layer's text FFN or its visual expert, never both: count the text path
+        active -= sum(p.numel() for _, expert in visual_experts(model) for p in expert.parameters())
     return {"params_total_m": total / 1e6, "params_active_m": None if active is None else active / 1e6}
 
 

@@ -106,7 +106,10 @@ def supervised_stage(
     model, processor = load_model(init)
     template = get_template(data.template)
     processor.chat_template = template.jinja or None
-    apply_trainability(model, trainable.modes, trainable.lora)
+    modes = trainable.modes
+    if init.parts is not None and init.parts.modality_experts is not None:  # new visual experts: open them
+        modes = init.parts.modality_experts.trainable_modes(modes)
+    apply_trainability(model, modes, trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(data)
     encoder = ConversationEncoder(processor, template, data.max_length, train_on=train_on)

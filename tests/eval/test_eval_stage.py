@@ -39,6 +39,22 @@ def test_active_params_drop_the_unrouted_experts(top_k):
     assert cols["params_total_m"] * 1e6 == sum(p.numel() for p in moe.parameters())
 
 
+def test_active_params_count_one_path_per_token_with_modality_experts():
+    """A token goes through its layer's text FFN or its visual expert, never both: the visual experts are in the
+    total but not in the active count, before and after the text FFNs are upcycled."""
+    from distill.models.modality import ModalityExpertsConfig, add_modality_experts
+
+    dense = _tiny_llava()
+    dense_total = parameter_columns(dense)["params_total_m"]
+    model = add_modality_experts(dense, ModalityExpertsConfig(layers=[1, 3]))
+    cols = parameter_columns(model)
+    per_ffn = 3 * HIDDEN * FFN
+    assert round((cols["params_total_m"] - dense_total) * 1e6) == 2 * per_ffn
+    assert cols["params_active_m"] == pytest.approx(dense_total)
+    moe = parameter_columns(upcycle(model, UpcycleConfig(num_experts=4, top_k=1, layers="every_other")))
+    assert round((moe["params_total_m"] - moe["params_active_m"]) * 1e6) == 2 * 3 * per_ffn + 2 * per_ffn
+
+
 def _benchmark_copies(data: Path, out: Path) -> dict[str, dict[str, str]]:
     """The world's VQA and POPE files rewritten as LLaVA's GQA and TextVQA files and as a POPE file whose images
     live in a separate folder: same questions, so a model must score exactly as on the originals."""

@@ -105,7 +105,9 @@ def test_visual_only_training_changes_only_the_visual_experts():
     cfg = ModalityExpertsConfig(train="visual_only")
     assert ModalityExpertsConfig(train="all").trainable_modes({"projector": "full"}) == {
         "projector": "full", "visual_experts": "full"}
-    apply_trainability(model, cfg.trainable_modes({"projector": "full", "llm": "full"}))
+    # visual_only keeps the stage's projector mode (a fresh projector must learn), opens nothing else
+    assert cfg.trainable_modes({"projector": "full", "llm": "full"}) == {"visual_experts": "full", "projector": "full"}
+    apply_trainability(model, cfg.trainable_modes({"vision_tower": "frozen", "llm": "full"}))
     assert "visual_experts" in parameter_table(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
