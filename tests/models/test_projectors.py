@@ -78,7 +78,9 @@ def test_image_tokens_match_projector_output(tower, tiny_world, projector, optio
     assert _n_image_features(model, inputs["pixel_values"]) == [tokens]
     with torch.no_grad():
         out = model(**inputs)
-    assert out.image_hidden_states.shape == (tokens, model.config.text_config.hidden_size)
+    features = out.image_hidden_states  # one tensor per image in newer transformers 5.x, stacked in 5.17
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    assert features.shape == (tokens, model.config.text_config.hidden_size)
 
 
 def test_mlp_projector_stays_plain_llava(tower, tiny_world):
