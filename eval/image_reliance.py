@@ -1,5 +1,5 @@
 """Does a model read the image? Teacher-forced answer accuracy per question type, with each question's own image
-and with another question's image (the batch's images rolled by one).
+and with another image (the next question in the batch that is about a different image).
 
 If a type's accuracy is the same either way, the model answers it from the language prior alone. Cheaper and
 sharper than generation-based VQA for diagnosing a teacher (one forward per batch, no decoding):
@@ -24,13 +24,21 @@ from distill.models.student import load_vlm
 from eval.benchmarks import read_jsonl
 
 
+def _other_image(images: list[str]) -> list[int]:
+    """For each position, the nearest later position (cyclically) whose image is another file: VQA files list
+    several questions per image in a row, so a plain roll would mostly hand a question its own image back. A batch
+    of one image keeps it (nothing to swap with)."""
+    n = len(images)
+    return [next((j % n for j in range(i + 1, i + n) if images[j % n] != images[i]), i) for i in range(n)]
+
+
 @torch.no_grad()
 def answer_accuracy(model, processor, items: list[dict], image_root: Path, template: str = "chatml",
                     batch_size: int = 64, wrong_image: bool = False) -> dict[str, list[bool]]:
     """Per question type, whether every answer token is the argmax under teacher forcing.
 
     ``items``: VQA records (``image``, ``question``, ``answer``, ``question_type``). ``wrong_image``: each
-    question sees the image of the next item in its batch instead of its own.
+    question sees the image of the next item in its batch that has another image.
     """
     collator = SupervisedCollator(ConversationEncoder(processor, get_template(template), max_length=1 << 16),
                                   image_root)
@@ -44,8 +52,8 @@ def answer_accuracy(model, processor, items: list[dict], image_root: Path, templ
             {"from": "gpt", "value": str(r["answer"])}]} for i, r in enumerate(chunk)]
         batch = {k: v.to(device) for k, v in collator(records).items()}
         labels = batch.pop("labels")
-        if wrong_image and len(chunk) > 1:
-            batch["pixel_values"] = batch["pixel_values"].roll(1, 0)
+        if wrong_image:
+            batch["pixel_values"] = batch["pixel_values"][_other_image([r["image"] for r in chunk])]
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
         pred = model(**batch).logits[:, :-1].argmax(-1)
         target = labels[:, 1:]

@@ -22,6 +22,15 @@ def test_image_blind_model_has_zero_reliance(tiny_world, tiny_artifacts):
     assert all(r["reliance"] == 0.0 for r in rows.values())
 
 
+def test_other_image_never_hands_back_the_same_file():
+    from eval.image_reliance import _other_image
+
+    images = ["a", "a", "a", "b", "b", "c"]
+    picks = _other_image(images)
+    assert all(images[j] != images[i] for i, j in enumerate(picks))
+    assert _other_image(["a", "a"]) == [0, 1]  # one image only: nothing to swap with
+
+
 def test_wrong_image_really_swaps_the_images(tiny_world, tiny_artifacts):
     """With the images swapped, the untouched random model's logits move (the table's second column means what
     it says); with one image repeated, swapping changes nothing."""
