@@ -48,6 +48,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
+from distill.models.layer_spec import check_layer_spec, select_layers
+
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "modality_experts"
@@ -66,25 +68,12 @@ class ModalityExpertsConfig:
     pre-training); ``all``: the visual experts learn along with whatever the stage trains."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, str):
-            if self.layers not in ("all", "every_other"):
-                raise ValueError(f"modality_experts.layers={self.layers!r}: 'all', 'every_other' or a list of indices")
-        else:
-            self.layers = list(self.layers)  # hydra hands over a ListConfig
-            if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
-                raise ValueError(f"modality_experts.layers={self.layers!r}: a non-empty list of layer indices")
+        self.layers = check_layer_spec(self.layers, "modality_experts.layers")
         if self.train not in TRAIN_MODES:
             raise ValueError(f"modality_experts.train={self.train!r}: expected one of {TRAIN_MODES}")
 
     def expert_layers(self, num_layers: int) -> list[int]:
-        if self.layers == "all":
-            return list(range(num_layers))
-        if self.layers == "every_other":
-            return list(range(0, num_layers, 2))
-        bad = [i for i in self.layers if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(f"modality_experts.layers {self.layers}: indices must lie in [0, {num_layers})")
-        return sorted(set(self.layers))
+        return select_layers(self.layers, num_layers, "modality_experts.layers")
 
     def trainable_modes(self, stage_modes: dict[str, str]) -> dict[str, str]:
         """The per-component modes of a stage that builds the student from parts (adapter init, SFT).

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import MixtralConfig, PretrainedConfig, PreTrainedModel, Qwen2MoeConfig, Qwen3MoeConfig
 
+from distill.models.layer_spec import check_layer_spec, select_layers
 from distill.models.modality import restore_modality_experts
 
 log = logging.getLogger(__name__)
@@ -50,20 +51,12 @@ class UpcycleConfig:
             raise ValueError("upcycle.num_experts must be at least 2")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"upcycle.top_k={self.top_k} must lie in [1, num_experts={self.num_experts}]")
-        if isinstance(self.layers, str) and self.layers not in ("all", "every_other"):
-            raise ValueError(f"upcycle.layers={self.layers!r}: 'all', 'every_other' or a list of indices")
+        self.layers = check_layer_spec(self.layers, "upcycle.layers")
         if self.router_init not in ("normal", "zeros"):
             raise ValueError(f"upcycle.router_init={self.router_init!r}: 'normal' or 'zeros'")
 
     def moe_layers(self, num_layers: int) -> list[int]:
-        if self.layers == "all":
-            return list(range(num_layers))
-        if self.layers == "every_other":
-            return list(range(0, num_layers, 2))
-        bad = [i for i in self.layers if not 0 <= i < num_layers]
-        if bad or not self.layers:
-            raise ValueError(f"upcycle.layers {self.layers}: indices must lie in [0, {num_layers})")
-        return sorted(set(self.layers))
+        return select_layers(self.layers, num_layers, "upcycle.layers")
 
 
 @dataclass(frozen=True)
