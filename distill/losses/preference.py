@@ -1,6 +1,8 @@
 """Preference-distillation losses on sequence log-probabilities (policy = student, reference = teacher).
 
     logps = sequence_logps(logits, labels)                       # [B]: summed over the response tokens
+    tok, row = response_token_logps(hidden, labels, lm_head)     # the same from the final hidden states, the
+    logps = per_sequence(tok, row, labels)                       # head applied to the response positions only
     losses, chosen_rewards, rejected_rewards = preference_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss_type="kto_pair", beta=0.1)
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.losses.ce import IGNORE_INDEX
+from distill.losses.kd import shifted_response_mask
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
 
@@ -28,6 +31,32 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     token = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
     total = token.sum(-1)
     return total / mask.sum(-1).clamp_min(1) if average else total
+
+
+def response_token_logps(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per response token, log p(label_t | < t) from the final hidden states [B, T, H] and the LM head; fp32.
+
+    Only the response positions go through the head, so the [B, T, V] logits are never built: for a preference
+    batch (image and prompt tokens, a short answer) that is most of the logits' memory. ``chunk_size`` rows at a
+    time when no gradient is needed (the reference); with one, all rows at once (their logits are kept for the
+    backward either way). Returns the log-probs [N] and each one's row in the batch [N].
+    """
+    mask = shifted_response_mask(labels)
+    rows, targets = hidden[mask], labels[:, 1:][mask[:, :-1]]
+    step = chunk_size if chunk_size and not torch.is_grad_enabled() else max(rows.size(0), 1)
+    parts = [-F.cross_entropy(head(rows[i:i + step]).float(), targets[i:i + step], reduction="none")
+             for i in range(0, rows.size(0), step)]
+    tok = torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
+    return tok, mask.nonzero()[:, 0]
+
+
+def per_sequence(token_logps: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
+                 average: bool = False) -> torch.Tensor:
+    """Sum (or mean) of ``response_token_logps`` per sequence [B]: equal to ``sequence_logps`` of the logits."""
+    total = token_logps.new_zeros(labels.size(0)).index_add(0, rows, token_logps)
+    return total / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp_min(1) if average else total
 
 
 def preference_loss(

@@ -23,8 +23,7 @@ from datasets import Dataset, concatenate_datasets
 from distill.data.collate import ConversationEncoder, SupervisedCollator
 from distill.data.formats import IMAGE_PLACEHOLDER, load_preference
 from distill.data.templates import get_template
-from distill.losses.ce import response_ce
-from distill.losses.preference import LOSS_TYPES, preference_loss, sequence_logps
+from distill.losses.preference import LOSS_TYPES, per_sequence, preference_loss, response_token_logps
 from distill.losses.router import load_balancing_loss
 from distill.models.teacher import load_teacher
 from distill.models.trainable import apply_trainability, parameter_table
@@ -32,8 +31,8 @@ from distill.models.upcycle import moe_blocks
 from distill.stages.sparse_imitation import SPARSE_TRAINABLE
 from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass
 from distill.training.context import StageContext
-from distill.training.distributed import local_device, prepare_teacher
-from distill.training.kd import TeacherConfig, split_inputs
+from distill.training.distributed import gathered, local_device, prepare_teacher, run_in_forward, unwrap
+from distill.training.kd import TeacherConfig, last_hidden, split_inputs
 from distill.training.moe import RouterRecorder
 from distill.training.supervised import load_model, train
 
@@ -98,15 +97,17 @@ class PairCollator:
 
 
 def reference_logps(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, chunk_size: int = 1024) -> torch.Tensor:
     """The teacher's sequence log-probs, its inputs on ``device`` (the student's: ZeRO-3 may keep the
-    teacher's own shards elsewhere, e.g. offloaded to CPU)."""
+    teacher's own shards elsewhere, e.g. offloaded to CPU); its LM head only on the response positions."""
     inputs = {k: v.to(device) for k, v in split_inputs(batch, "teacher_").items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(teacher.dtype)
-    with torch.no_grad():
-        logits = teacher(**inputs).logits
-    return sequence_logps(logits, batch["teacher_labels"].to(device), average)
+    labels = batch["teacher_labels"].to(device)
+    head = unwrap(teacher).get_output_embeddings()
+    with torch.no_grad(), gathered(head.weight):
+        tok, rows = response_token_logps(last_hidden(teacher, inputs), labels, head, chunk_size)
+    return per_sequence(tok, rows, labels, average)
 
 
 class PreferenceLoss:
@@ -122,11 +123,20 @@ class PreferenceLoss:
             self.placed = True
 
     def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
+        # The LM head runs outside the model's forward (on the response positions only); under ZeRO-3 the loss
+        # then has to run as the engine's forward for the head's gradient to reach DeepSpeed (as the KD loss).
+        return run_in_forward(model, self.loss, model, inputs)
+
+    def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
         cfg = self.cfg
         if self.recorder is not None:
             self.recorder.take()
-        logits = model(**split_inputs(inputs)).logits
-        policy = sequence_logps(logits, inputs["labels"], cfg.average_logps)
+        labels = inputs["labels"]
+        head = unwrap(model).get_output_embeddings()
+        hidden = last_hidden(model, split_inputs(inputs))
+        with gathered(head.weight):
+            tok, rows = response_token_logps(hidden, labels, head)
+        policy = per_sequence(tok, rows, labels, cfg.average_logps)
         if "ref_logps" in inputs:
             ref = inputs["ref_logps"].to(policy.device, policy.dtype)
         else:
@@ -135,15 +145,16 @@ class PreferenceLoss:
                 self.placed = True
             ref = reference_logps(self.teacher, inputs, cfg.average_logps, policy.device)
         n = policy.size(0) // 2
-        lengths = (inputs["labels"][:, 1:] != -100).sum(-1).float()
+        lengths = (labels[:, 1:] != -100).sum(-1).float()
         losses, chosen_r, rejected_r = preference_loss(
             policy[:n], policy[n:], ref[:n], ref[n:], cfg.loss_type, cfg.beta, lengths[:n], lengths[n:])
         loss = losses.mean()
         parts = {"pref": loss.detach(), "rewards/chosen": chosen_r.mean(), "rewards/rejected": rejected_r.mean(),
                  "rewards/margin": (chosen_r - rejected_r).mean(),
                  "rewards/accuracy": (chosen_r > rejected_r).float().mean()}
-        if cfg.nll_coef > 0:
-            nll = response_ce(logits[:n], inputs["labels"][:n])
+        if cfg.nll_coef > 0:  # CE on the chosen responses: the mean of their tokens' negative log-probs
+            chosen = rows < n
+            nll = -tok[chosen].sum() / chosen.sum().clamp_min(1)
             loss = loss + cfg.nll_coef * nll
             parts["nll"] = nll.detach()
         if self.recorder is not None and cfg.aux_coef > 0:

@@ -846,7 +846,7 @@ def loss_cost(ctx: Context, batch: dict[str, Any], probe: LossProbe) -> dict[str
     dtypes and autocast state the loss sees in the step, and of the bf16 LM-head GEMMs that the chunked loss
     contains (ours / bare; naive and TRL compute their heads inside the models)."""
     from distill.losses.kd import chunked_kd_loss
-    from distill.losses.preference import preference_loss, sequence_logps
+    from distill.losses.preference import per_sequence, preference_loss, response_token_logps
 
     args, cfg, cuda, dev, bf16 = ctx.args, ctx.stage_cfg, ctx.cuda, ctx.device, ctx.bf16
     g = torch.Generator(device=dev).manual_seed(0)
@@ -857,9 +857,31 @@ def loss_cost(ctx: Context, batch: dict[str, Any], probe: LossProbe) -> dict[str
     v_s, v_t = s_head.size(0), t_head.size(0)
     low = torch.bfloat16 if bf16 else torch.float32
     out: dict[str, float] = {"heads_ms": 0.0}
+    if args.stage == "preference" and args.variant in ("ours", "bare"):
+        # PreferenceLoss: the final hidden states, both heads on the response positions only (under the step's
+        # autocast), the reference's without gradient and chunked.
+        h_s = torch.randn(b, t, s_head.size(1), device=dev, generator=g).requires_grad_(True)
+        h_t = torch.randn(b, t, t_head.size(1), device=dev, dtype=ctx.teacher.dtype, generator=g)
+
+        def run_rows() -> None:
+            with _autocast(cuda, bf16):
+                tok, rows = response_token_logps(h_s, labels, lambda x: F.linear(x, s_head))
+                policy = per_sequence(tok, rows, labels, cfg["average_logps"])
+                with torch.no_grad():
+                    ref = per_sequence(*response_token_logps(h_t, labels, lambda x: F.linear(x, t_head), 1024),
+                                       labels, cfg["average_logps"])
+                n = b // 2
+                lengths = (labels[:, 1:] != -100).sum(-1).float()
+                loss = preference_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg["loss_type"], cfg["beta"],
+                                       lengths[:n], lengths[n:])[0].mean()
+            loss.backward()
+            h_s.grad = None
+
+        out["loss_ms"] = time_call(run_rows, cuda)
+        return out
     if args.stage == "preference" or args.variant in ("naive", "trl_gkd"):
         # naive: all under autocast, bf16 logits; TRL: both models' outputs upcast to fp32 by accelerate, loss
-        # outside autocast; ours / bare preference: the student's logits upcast (accelerate), the teacher's own dtype.
+        # outside autocast.
         in_autocast = args.variant == "naive"
         s_dtype = low if in_autocast else torch.float32
         t_dtype = low if args.variant == "naive" else (torch.float32 if args.variant == "trl_gkd"
@@ -876,11 +898,7 @@ def loss_cost(ctx: Context, batch: dict[str, Any], probe: LossProbe) -> dict[str
                     loss = GKDTrainer.generalized_jsd_loss(s_logits[:, :-1], t_logits[:, :-1], labels[:, 1:],
                                                            beta=0.0, num_items_in_batch=n)
                 elif args.stage == "preference":
-                    if args.variant == "naive":
-                        policy, ref = naive_sequence_logps(s_logits, labels), naive_sequence_logps(t_logits, labels)
-                    else:
-                        policy = sequence_logps(s_logits, labels, cfg["average_logps"])
-                        ref = sequence_logps(t_logits, labels, cfg["average_logps"])
+                    policy, ref = naive_sequence_logps(s_logits, labels), naive_sequence_logps(t_logits, labels)
                     n = b // 2
                     lengths = (labels[:, 1:] != -100).sum(-1).float()
                     loss = preference_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg["loss_type"], cfg["beta"],

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distill.losses.preference import preference_loss, sequence_logps
+from distill.losses.preference import per_sequence, preference_loss, response_token_logps, sequence_logps
 
 
 def _logps(seed: int, n: int = 4) -> torch.Tensor:
@@ -21,6 +21,33 @@ def test_sequence_logps_sums_response_tokens_with_shift():
     expected = logp[0, 0, 2] + logp[0, 1, 4]
     torch.testing.assert_close(sequence_logps(logits, labels)[0], expected)
     torch.testing.assert_close(sequence_logps(logits, labels, average=True)[0], expected / 2)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_response_rows_through_the_head_equal_the_full_logits(average):
+    """The head on the response positions only gives sequence_logps of the full logits: values and gradients
+    (hidden states and head weight), and chunked the same as whole when no gradient is taken."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.full((3, 7), -100)
+    labels[0, 2:5] = torch.tensor([3, 1, 4])
+    labels[1, 5:] = torch.tensor([0, 9])
+    # row 2: no response tokens at all -> 0 (sum) / 0 (mean)
+    hidden = torch.randn(3, 7, 6, generator=g, requires_grad=True)
+    head = torch.nn.Linear(6, 11, bias=False)
+    ref_hidden = hidden.detach().clone().requires_grad_(True)
+    full = sequence_logps(head(ref_hidden), labels, average)
+    tok, rows = response_token_logps(hidden, labels, head)
+    ours = per_sequence(tok, rows, labels, average)
+    torch.testing.assert_close(ours, full)
+    assert ours[2] == 0
+    w = torch.randn(3, generator=g)
+    (g_h, g_w), (r_h, r_w) = (torch.autograd.grad((x * w).sum(), [h, head.weight])
+                              for x, h in ((ours, hidden), (full, ref_hidden)))
+    torch.testing.assert_close(g_h, r_h)
+    torch.testing.assert_close(g_w, r_w)
+    with torch.no_grad():
+        chunked = per_sequence(*response_token_logps(hidden, labels, head, chunk_size=2), labels, average)
+    torch.testing.assert_close(chunked, full.detach())
 
 
 def test_dpo_sigmoid_and_hinge_formulas():
