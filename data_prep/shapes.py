@@ -221,7 +221,9 @@ class WorldPreset:
 
     name: str
     image_size: int = 96
-    n_train_images: int = 1500
+    n_train_images: int = 12000
+    """The demo size: 12k images render in about 10 s, and a small VLM trained on each image once learns to read
+    them; on 1.5k images seen five times it learnt to recall answers instead."""
     n_eval_images: int = 200
     min_objects: int = 1
     max_objects: int = 6

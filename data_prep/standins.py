@@ -74,6 +74,11 @@ class StandinConfig:
     llm_steps: int = 150
     llm_batch_size: int = 16
     llm_lr: float = 3e-3
+    llm_init_std: float = 0.05
+    """Normal-init std of the stand-in LLMs' weights. transformers' 0.02 suits wide models; at 64-128 wide it leaves
+    attention nearly uniform and slow to sharpen: a text probe (scene description in place of the image) reached
+    colour accuracy 0.49 after 100 steps from 0.05 and 0.12 from 0.02; the demo teacher after 1,000 steps read
+    shapes 0.37 vs 0.22 (all questions 0.49 vs 0.45)."""
     vision_steps: int = 300
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
@@ -155,22 +160,30 @@ def _padded_vocab(tokenizer: PreTrainedTokenizerFast) -> int:
     return ((len(tokenizer) + 1 + 63) // 64) * 64
 
 
-def pretrain_llm(documents: list[str], tokenizer_dir: Path, size: LLMSize, out: Path, cfg: StandinConfig) -> Path:
-    """Causal-LM pretraining on the world's text, packed into blocks."""
-    if _done(out):
-        return out
+def token_blocks(documents: list[str], tokenizer_dir: Path, block_size: int) -> list[dict[str, list[int]]]:
+    """The documents tokenized (one batched call), joined by ``<|endoftext|>`` and cut into blocks."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     ids: list[int] = []
-    for doc in documents:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"] + [eot])
-    n = len(ids) // cfg.block_size
-    blocks = [{"input_ids": ids[i * cfg.block_size : (i + 1) * cfg.block_size]} for i in range(n)]
+    for doc_ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        ids.extend(doc_ids + [eot])
+    n = len(ids) // block_size
+    return [{"input_ids": ids[i * block_size : (i + 1) * block_size]} for i in range(n)]
+
+
+def pretrain_llm(blocks: list[dict[str, list[int]]], tokenizer_dir: Path, size: LLMSize, out: Path,
+                 cfg: StandinConfig) -> Path:
+    """Causal-LM pretraining on the world's text, packed into blocks (``token_blocks``)."""
+    if _done(out):
+        return out
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    n = len(blocks)
     config = size.qwen2_config(
         _padded_vocab(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        initializer_range=cfg.llm_init_std,
     )
     torch.manual_seed(cfg.seed)
     model = Qwen2ForCausalLM(config)
@@ -326,8 +339,10 @@ def build_standins(world: Path | str, out: Path | str, cfg: StandinConfig | None
     documents = chat_documents(world)
     paths = {name: out / name for name in ("tokenizer", "llm_small", "llm_large")}
     train_tokenizer(documents, paths["tokenizer"], cfg.vocab_size)
-    pretrain_llm(documents, paths["tokenizer"], cfg.small, paths["llm_small"], cfg)
-    pretrain_llm(documents, paths["tokenizer"], cfg.large, paths["llm_large"], cfg)
+    if not (_done(paths["llm_small"]) and _done(paths["llm_large"])):
+        blocks = token_blocks(documents, paths["tokenizer"], cfg.block_size)
+        pretrain_llm(blocks, paths["tokenizer"], cfg.small, paths["llm_small"], cfg)
+        pretrain_llm(blocks, paths["tokenizer"], cfg.large, paths["llm_large"], cfg)
     for arch in cfg.vision_towers:
         paths[VISION_ARCHS[arch]] = out / VISION_ARCHS[arch]
         pretrain_vision_tower(world, paths["tokenizer"], cfg.vision, paths[VISION_ARCHS[arch]], cfg, arch)
