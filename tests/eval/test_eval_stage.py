@@ -66,9 +66,10 @@ def _benchmark_copies(data: Path, out: Path) -> dict[str, dict[str, str]]:
         str(r["question_id"]): {"answer": r["answer"], "types": {"structural": r["question_type"]}} for r in vqa}))
     tv = [{"question_id": r["question_id"], "image": r["image"], "text": r["question"]} for r in vqa]
     (out / "textvqa_questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in tv))
-    # Three humans agree with the reference, seven say something no model says: min(3/3, 1) = exact match.
+    # Three humans agree with the reference, seven say something no model says: min(3/3, 1) = exact match. (Not
+    # punctuation: "@@" normalises to "", which an empty prediction matches.)
     (out / "textvqa_answers.json").write_text(json.dumps({"data": [
-        {"question_id": r["question_id"], "answers": [r["answer"]] * 3 + ["@@"] * 7} for r in vqa]}))
+        {"question_id": r["question_id"], "answers": [r["answer"]] * 3 + ["xyzzy"] * 7} for r in vqa]}))
     pope = [json.loads(line) for line in (data / "eval/pope_random.jsonl").read_text().splitlines()]
     coco = out / "coco"
     for r in pope[:4]:
@@ -130,10 +131,10 @@ def test_eval_stage_reports_extra_benchmarks_and_efficiency(tiny_world, artifact
     said = [p["prediction"] for p in preds["vqa"]]
     benchmarks = {k: v for k, v in _benchmark_copies(tiny_world["data"], tmp_path).items() if k != "coco_pope"}
     vqa = [json.loads(line) for line in (tiny_world["data"] / "eval/vqa.jsonl").read_text().splitlines()][:4]
-    gqa = {str(r["question_id"]): {"answer": said[i] if i < 2 else "@@", "types": {"structural": r["question_type"]}}
+    gqa = {str(r["question_id"]): {"answer": said[i] if i < 2 else "xyzzy", "types": {"structural": r["question_type"]}}
            for i, r in enumerate(vqa)}
     (tmp_path / "gqa_answers.json").write_text(json.dumps(gqa))
-    humans = [[said[0]] + ["@@"] * 9, [said[1]] * 3 + ["@@"] * 7, ["@@"] * 10, ["@@"] * 10]
+    humans = [[said[0]] + ["xyzzy"] * 9, [said[1]] * 3 + ["xyzzy"] * 7, ["xyzzy"] * 10, ["xyzzy"] * 10]
     (tmp_path / "textvqa_answers.json").write_text(json.dumps({"data": [
         {"question_id": r["question_id"], "answers": h} for r, h in zip(vqa, humans)]}))
     (row,) = _eval(tiny_world, {"dense": artifacts["dense"]}, tmp_path / "again", vqa=None, pope={},
