@@ -25,6 +25,7 @@ from distill.data.formats import IMAGE_PLACEHOLDER, load_preference
 from distill.data.templates import get_template
 from distill.losses.preference import LOSS_TYPES, per_sequence, preference_loss, response_token_logps
 from distill.losses.router import load_balancing_loss
+from distill.models.experts import check_experts_implementation, set_experts_implementation
 from distill.models.teacher import load_teacher
 from distill.models.trainable import apply_trainability, parameter_table
 from distill.models.upcycle import moe_blocks
@@ -53,6 +54,8 @@ class PreferenceConfig:
     aux_coef: float = 0.01
     """Router load-balancing weight, for MoE students."""
     precompute_reference: bool = False
+    experts_implementation: str = "sorted"
+    """An MoE student's experts forward, as D2S's (a reloaded artifact would otherwise get ``grouped_mm``)."""
     trainable: Trainability = field(default_factory=lambda: Trainability(dict(SPARSE_TRAINABLE)))
     """As D2S; a dense student needs e.g. ``{projector: full, llm: full}``."""
     training: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +72,7 @@ class PreferenceConfig:
             raise ValueError(f"loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")
         if self.beta <= 0:
             raise ValueError("beta must be positive")
+        check_experts_implementation(self.experts_implementation)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         return run(self, ctx)
@@ -180,6 +184,7 @@ def precompute(dataset: Dataset, collator: PairCollator, teacher: torch.nn.Modul
 
 def run(cfg: PreferenceConfig, ctx: StageContext) -> dict[str, Any]:
     model, processor = load_model(cfg.model)
+    set_experts_implementation(model, cfg.experts_implementation)
     template = get_template(cfg.data.template)
     processor.chat_template = template.jinja or None
     teacher, teacher_processor = load_teacher(cfg.teacher.path, cfg.teacher.torch_dtype(),

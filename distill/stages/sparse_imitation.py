@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distill.data.templates import get_template
+from distill.models.experts import check_experts_implementation, set_experts_implementation
 from distill.models.trainable import apply_trainability, parameter_table
 from distill.models.upcycle import UpcycleConfig, moe_blocks, parameter_counts, upcycle
 from distill.pipeline import is_main_process
@@ -43,10 +44,12 @@ class SparseImitationConfig:
     """KD weight; 1 - alpha goes to CE (LLaVA-MoD's D2S uses both)."""
     aux_coef: float = 0.01
     z_coef: float = 0.0
-    experts_implementation: str = "eager"
-    """transformers' expert kernel: ``eager`` (a loop over experts, batched over their tokens) or ``grouped_mm``.
-    Eager trained 1.8x faster than grouped_mm under bf16 autocast with fp32 master weights on an H200
-    (BENCHMARKS.md); neither loops over tokens."""
+    experts_implementation: str = "sorted"
+    """The experts' forward: ``sorted`` (a loop over experts with one host synchronisation per layer,
+    distill/models/experts.py), transformers' ``eager`` (the same loop, about nine synchronisations per layer) or
+    ``grouped_mm``. On an H100 a D2S step ran 5-9% faster with sorted than eager (median step) and the Trainer path
+    lost its 17% overhead over a bare loop; eager trained 1.8x faster than grouped_mm under bf16 autocast with fp32
+    master weights on an H200 (BENCHMARKS.md)."""
     trainable: Trainability = field(default_factory=lambda: Trainability(dict(SPARSE_TRAINABLE)))
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -59,8 +62,7 @@ class SparseImitationConfig:
         self.trainable = as_dataclass(self.trainable, Trainability)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha={self.alpha}: must lie in [0, 1]")
-        if self.experts_implementation not in ("eager", "grouped_mm"):
-            raise ValueError(f"experts_implementation={self.experts_implementation!r}: 'eager' or 'grouped_mm'")
+        check_experts_implementation(self.experts_implementation)
         if self.aux_coef < 0 or self.z_coef < 0:
             raise ValueError("aux_coef and z_coef must be >= 0")
 
@@ -73,7 +75,7 @@ def run(cfg: SparseImitationConfig, ctx: StageContext) -> dict[str, Any]:
     processor.chat_template = get_template(cfg.data.template).jinja or None
     model = upcycle(dense, cfg.upcycle)
     del dense
-    model.config.text_config._experts_implementation = cfg.experts_implementation
+    set_experts_implementation(model, cfg.experts_implementation)
     total, active = parameter_counts(model, cfg.upcycle.top_k)
     teacher, teacher_processor = open_teacher(cfg.teacher, cfg.kd, cfg.data.template, cfg.data.max_length)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)

@@ -450,18 +450,42 @@ def batch_stats(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 class Clock:
-    """Synchronised time marks; a step's time is the gap between consecutive marks."""
+    """Synchronised time marks; a step's time is the gap between consecutive marks. With a ``torch.profiler``
+    profile, each mark is also a profiler step (its schedule picks which steps are recorded)."""
 
-    def __init__(self, cuda: bool) -> None:
-        self.cuda, self.marks = cuda, []
+    def __init__(self, cuda: bool, profiler: Any = None) -> None:
+        self.cuda, self.marks, self.profiler = cuda, [], profiler
 
     def mark(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
         self.marks.append(time.perf_counter())
+        if self.profiler is not None:
+            self.profiler.step()
 
     def durations(self) -> list[float]:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def step_profiler(out_dir: Path, warmup: int, cuda: bool):
+    """``--profile``: records two steps after the warm-up; writes ``trace.json`` (chrome://tracing, Perfetto) and
+    ``ops.txt`` (operators by self device time, then by self CPU time) under ``out_dir``."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(prof) -> None:
+        prof.export_chrome_trace(str(out_dir / "trace.json"))
+        ops = prof.key_averages()
+        tables = [ops.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)]
+        if cuda:
+            tables.append(ops.table(sort_by="self_cpu_time_total", row_limit=25))
+        (out_dir / "ops.txt").write_text("\n\n".join(tables))
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    # Marks: one before the first step, then one per step; warm-up steps end at mark ``warmup``.
+    return profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=2, repeat=1),
+                   on_trace_ready=write, record_shapes=False)
 
 
 def trainer_clock(clock: Clock):
@@ -987,7 +1011,8 @@ def markdown_row(row: dict[str, Any]) -> str:
 def base_row(args: argparse.Namespace, device_name: str) -> dict[str, Any]:
     return {"variant": args.variant, "stage": args.stage, "student": args.student, "micro_batch": args.micro_batch,
             "steps": args.steps, "warmup": args.warmup, "device": device_name, "attn": args.attn,
-            "grad_ckpt": args.grad_ckpt, "pad": args.pad, "tiny": args.tiny, "kd_autocast": args.kd_autocast,
+            "grad_ckpt": args.grad_ckpt, "experts": args.experts, "pad": args.pad, "tiny": args.tiny,
+            "kd_autocast": args.kd_autocast,
             "trl_mode": ("loop" if args.trl_loop else "trainer") if args.variant == "trl_gkd" else None,
             "date": time.strftime("%Y-%m-%d %H:%M"), "status": "ok"}
 
@@ -1015,12 +1040,17 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     teacher_dtype = torch.bfloat16 if bf16 else torch.float32
     student, teacher, top_k = build_models(args.stage, args.student, args.tiny, text_only, device, attn,
                                            teacher_dtype)
+    if args.experts and args.stage != "d2d":
+        (student.config if text_only else student.config.text_config)._experts_implementation = args.experts
     s_spec, t_spec = flop_spec(student, top_k), flop_spec(teacher, 0)
     ctx = Context(args, stage_defaults(args.stage), device, cuda, bf16, data, student, teacher, top_k, out_dir)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    clock = Clock(cuda)
+    profiler = step_profiler(Path(args.profile), args.warmup, cuda) if args.profile else None
+    clock = Clock(cuda, profiler)
+    if profiler is not None:
+        profiler.start()
     probe = LossProbe(cuda, (lambda: _autocast(cuda, bf16)) if args.kd_autocast else None)
     if args.variant in ("ours", "bare") and args.stage != "preference":
         probe.install()
@@ -1031,6 +1061,8 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     except torch.OutOfMemoryError as oom:
         log.warning("out of memory after %d steps: %s", max(len(clock.marks) - 1, 0), str(oom).split(". ")[0])
         row["status"] = f"OOM at step {max(len(clock.marks), 1)}"
+    if profiler is not None:
+        profiler.stop()
     peak_gib, reserved_gib = memory_gib(cuda)
     durations = clock.durations()
     timed = durations[args.warmup:]
@@ -1201,6 +1233,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--quiet", action="store_true", help="--measure-peak: print the number alone")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (seconds; memory = max RSS, no MFU)")
     p.add_argument("--fp32", action="store_true", help="--tiny: fp32 everywhere instead of bf16 autocast")
+    p.add_argument("--experts", choices=("eager", "sorted", "grouped_mm"), default=None,
+                   help="D2S / preference: the MoE experts' forward (default: the D2S stage's)")
+    p.add_argument("--profile", default=None, help="record two timed steps with torch.profiler; write trace.json "
+                   "and ops.txt (operators by self time) into this folder (the profiled steps run slower)")
     p.add_argument("--header", action="store_true", help="print the markdown header too")
     p.add_argument("--out", default=None, help="append the JSON line to this file")
     p.add_argument("--sweep", choices=sorted(PLANS), default=None, help="run a plan, one process per row")

@@ -153,7 +153,7 @@ def build(args: argparse.Namespace, device: torch.device):
     for model in (student, teacher):
         model.set_attn_implementation("sdpa")
     if moe is not None:
-        student.config.text_config._experts_implementation = "eager"  # the D2S stage's default
+        student.config.text_config._experts_implementation = "sorted"  # the D2S stage's default
         apply_trainability(student, dict(SPARSE_TRAINABLE))
     else:
         apply_trainability(student, {"vision_tower": "frozen", "projector": "full", "llm": "full"})

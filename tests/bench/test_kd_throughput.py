@@ -94,3 +94,16 @@ def test_every_variant_and_stage_runs_at_tiny_shapes(tmp_path):
         assert ours == pytest.approx(naive, rel=2e-2), stage  # the same objective, computed naively
         assert rows[("ours", stage)]["tokens_seen_check"] is True
     assert "ours / bare tokens/s" in proc.stdout  # the targets' summary
+
+
+def test_profile_records_two_steps_after_the_warmup(tmp_path):
+    out = tmp_path / "prof"
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--variant", "bare", "--stage", "d2d", "--steps", "3",
+           "--warmup", "1", "--profile", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ops = (out / "ops.txt").read_text()
+    assert "ProfilerStep*" in ops and "aten::mm" in ops
+    steps = {e["name"] for e in json.loads((out / "trace.json").read_text())["traceEvents"]
+             if e.get("name", "").startswith("ProfilerStep#")}
+    assert len(steps) == 2  # warm-up steps and the schedule's own warm-up step are not recorded
