@@ -328,13 +328,14 @@ def default_dtype(dtype: torch.dtype):
 
 
 def build_models(stage: str, student_size: str, tiny: bool, text_only: bool, device: torch.device, attn: str,
-                 teacher_dtype: torch.dtype):
+                 teacher_dtype: torch.dtype, experts: str | None = None):
     """Student (fp32 master weights) and frozen teacher (``teacher_dtype``), random weights, built on ``device``.
 
     ``text_only``: their LLMs alone (CausalLM classes from the same text configs); the teacher then takes the
     student's vocabulary size (TRL's GKD requires equal vocabularies)."""
     from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration, set_seed
 
+    from distill.models.experts import set_experts_implementation
     from distill.models.teacher import freeze
     from distill.models.trainable import apply_trainability
     from distill.stages.sparse_imitation import SPARSE_TRAINABLE
@@ -362,9 +363,8 @@ def build_models(stage: str, student_size: str, tiny: bool, text_only: bool, dev
     freeze(teacher)
     for model in (student, teacher):
         model.set_attn_implementation(attn)
-    if moe is not None:
-        text_cfg = student.config if text_only else student.config.text_config
-        text_cfg._experts_implementation = stage_defaults(stage)["experts_implementation"]
+    if moe is not None:  # the MoE experts' forward: ``experts`` or the D2S stage's default
+        set_experts_implementation(student, experts or stage_defaults(stage)["experts_implementation"])
     if text_only:
         for name, p in student.named_parameters():  # the same parts as the Llava student's trainability
             moe_part = any(f".mlp.{part}" in name for part in ("experts", "gate.", "shared_expert"))
@@ -1039,9 +1039,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     text_only = args.variant == "trl_gkd"
     teacher_dtype = torch.bfloat16 if bf16 else torch.float32
     student, teacher, top_k = build_models(args.stage, args.student, args.tiny, text_only, device, attn,
-                                           teacher_dtype)
-    if args.experts and args.stage != "d2d":
-        (student.config if text_only else student.config.text_config)._experts_implementation = args.experts
+                                           teacher_dtype, args.experts)
     s_spec, t_spec = flop_spec(student, top_k), flop_spec(teacher, 0)
     ctx = Context(args, stage_defaults(args.stage), device, cuda, bf16, data, student, teacher, top_k, out_dir)
     if cuda:
