@@ -13,6 +13,14 @@ checkpoints so that the real loading code paths are the ones exercised:
   a small VLM on top then needs far more steps than a CPU demo has to learn to read them.
 - ``vision_tower_siglip/`` (when ``vision_towers`` lists ``siglip``): the same, SigLIP architecture and SigLIP's
   pairwise sigmoid loss; no CLS token, so a student built on it uses ``vision_feature_select_strategy=full``.
+- ``teacher_init/`` (``teacher_init: true``): the teacher's starting point, a LLaVA VLM of ``vision_tower/`` and
+  ``llm_large/`` whose projector maps each patch to the large LLM's input embeddings of its object's colour and
+  shape words (zero for an empty cell), fitted by regression on the world's scenes. It stands in for what
+  LLaVA's alignment stage on 558k caption pairs gives a real VLM: image tokens in the LLM's word-embedding space.
+  Without it the teacher never learnt to find a named object among the image tokens (existence questions
+  stayed at chance, shapes were read at 0.20); with it, the same SFT reads shapes at 0.55 and captions with no
+  hallucinated object. The teacher's SFT keeps this projector frozen: trained along with the LLM at the LLM's
+  learning rate it drifted out of the embedding space and the gain was lost.
 
     python -m data_prep.standins --world runs/demo/world/data --out runs/demo/world
 
@@ -84,6 +92,13 @@ class StandinConfig:
     vision_lr: float = 2e-3
     vision_towers: tuple[str, ...] = ("clip",)
     """Which vision stand-ins to build: ``clip`` (``vision_tower/``) and/or ``siglip`` (``vision_tower_siglip/``)."""
+    teacher_init: bool = True
+    """Write ``teacher_init/``: ``vision_tower/`` + ``llm_large/`` with a projector aligned to the word embeddings."""
+    teacher_vision_feature_layer: int = -1
+    """The vision layer ``teacher_init`` reads (the recipe's ``vision_feature_layer``; the 2-layer stand-in's last)."""
+    projector_steps: int = 2000
+    projector_batch_size: int = 64
+    projector_lr: float = 3e-3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -314,6 +329,72 @@ def pretrain_vision_tower(world: Path, tokenizer_dir: Path, size: VisionSize, ou
     return _publish(tmp, out)
 
 
+def word_embedding_targets(scenes: list[dict[str, Any]], grid: int, embeddings: torch.Tensor,
+                           tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
+    """``[n_scenes, grid*grid, hidden]``: for each patch, the input embedding of its object's colour word plus that
+    of its shape word (a word of several tokens: their mean), zero where no object's cell holds the patch centre."""
+    from data_prep.shapes import COLORS, SHAPES
+
+    def table(words: list[str]) -> torch.Tensor:
+        rows = [embeddings[tokenizer(" " + w, add_special_tokens=False)["input_ids"]].mean(0) for w in words]
+        return torch.cat([embeddings.new_zeros(1, embeddings.shape[1]), torch.stack(rows)])
+
+    colors, shapes = table(list(COLORS)), table(list(SHAPES))
+    labels = torch.tensor([_patch_labels(scene, grid) for scene in scenes])  # [n, 2, grid*grid]
+    return colors[labels[:, 0]] + shapes[labels[:, 1]]
+
+
+def align_teacher_projector(world: Path, arch: str, standins: Path, out: Path, cfg: StandinConfig) -> Path:
+    """``teacher_init/``: a VLM of the ``arch`` vision stand-in and ``llm_large/`` whose projector is fitted (mean
+    squared error, projector only) to map each patch's features to ``word_embedding_targets``; the vision tower
+    and the LLM are the stand-ins, unchanged."""
+    if _done(out):
+        return out
+    from distill.models.student import StudentParts, build_student, save_artifact
+
+    torch.manual_seed(cfg.seed)
+    model, processor = build_student(StudentParts(
+        str(standins / VISION_ARCHS[arch]), str(standins / "llm_large"),
+        vision_feature_layer=cfg.teacher_vision_feature_layer,
+        vision_feature_select_strategy="full" if arch == "siglip" else "default",  # SigLIP has no CLS token
+    ))
+    model.eval()
+    scenes = [json.loads(line) for line in (world / "scenes" / "train.jsonl").read_text().splitlines()]
+    projector = model.model.multi_modal_projector
+    captured: list[torch.Tensor] = []
+    hook = projector.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach()))
+    with torch.no_grad():  # the projector's inputs, exactly as the VLM selects them (layer, CLS dropped or not)
+        for i in range(0, len(scenes), 256):
+            images = [Image.open(world / "images" / s["image"]).convert("RGB") for s in scenes[i : i + 256]]
+            model.model.get_image_features(pixel_values=processor.image_processor(images, return_tensors="pt")[
+                "pixel_values"])
+    hook.remove()
+    features = torch.cat(captured)
+    grid = round(features.shape[1] ** 0.5)
+    if grid * grid != features.shape[1]:
+        raise ValueError(f"teacher_init: {features.shape[1]} image tokens per image are not a square patch grid")
+    targets = word_embedding_targets(scenes, grid, model.get_input_embeddings().weight.detach(), processor.tokenizer)
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.projector_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    for _ in range(cfg.projector_steps):
+        batch = torch.randint(0, len(features), (cfg.projector_batch_size,), generator=generator)
+        loss = (projector(features[batch]) - targets[batch]).pow(2).sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        final = (projector(features) - targets).pow(2).sum(-1).mean().item()
+    log.info("teacher_init projector: squared error %.4f (first step %.4f; targets' squared norm %.4f)",
+             final, losses[0] if losses else float("nan"), targets.pow(2).sum(-1).mean().item())
+    tmp = _fresh_tmp(out)
+    save_artifact(model, processor, tmp)
+    (tmp / "alignment.json").write_text(json.dumps({"steps": cfg.projector_steps, "squared_error": final,
+                                                    "first_step_squared_error": losses[0] if losses else None}))
+    return _publish(tmp, out)
+
+
 def _fit(model: torch.nn.Module, records: list[dict[str, Any]], collator: Any, out: Path, steps: int,
          batch_size: int, lr: float, seed: int) -> None:
     from datasets import Dataset
@@ -332,7 +413,7 @@ def _fit(model: torch.nn.Module, records: list[dict[str, Any]], collator: Any, o
 
 
 def build_standins(world: Path | str, out: Path | str, cfg: StandinConfig | None = None) -> dict[str, str]:
-    """Tokenizer, small and large LLMs, and the vision tower; already-built ones are kept."""
+    """Tokenizer, small and large LLMs, the vision tower(s) and ``teacher_init``; already-built ones are kept."""
     cfg = cfg or StandinConfig()
     world, out = Path(world), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -346,6 +427,9 @@ def build_standins(world: Path | str, out: Path | str, cfg: StandinConfig | None
     for arch in cfg.vision_towers:
         paths[VISION_ARCHS[arch]] = out / VISION_ARCHS[arch]
         pretrain_vision_tower(world, paths["tokenizer"], cfg.vision, paths[VISION_ARCHS[arch]], cfg, arch)
+    if cfg.teacher_init:
+        paths["teacher_init"] = out / "teacher_init"
+        align_teacher_projector(world, cfg.vision_towers[0], out, paths["teacher_init"], cfg)
     (out / "standins.json").write_text(json.dumps(asdict(cfg), indent=1))
     return {k: str(v) for k, v in paths.items()}
 

@@ -18,7 +18,8 @@ _LARGE = {**_SMALL, "hidden_size": 48, "intermediate_size": 96}
 _VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
            "image_size": 32, "patch_size": 8, "projection_dim": 32}
 TINY_STANDINS = {"vocab_size": 400, "small": _SMALL, "large": _LARGE, "vision": _VISION,
-                 "llm_steps": 4, "llm_batch_size": 4, "vision_steps": 4, "vision_batch_size": 8}
+                 "llm_steps": 4, "llm_batch_size": 4, "vision_steps": 4, "vision_batch_size": 8,
+                 "projector_steps": 20}
 
 
 def _hydra_dict(d: dict) -> str:
@@ -28,7 +29,7 @@ def _hydra_dict(d: dict) -> str:
 # Hydra overrides that shrink the demo recipe to seconds (used by the CLI and pipeline tests).
 TINY_RECIPE = [
     f"+stages.world.overrides={_hydra_dict(TINY_WORLD)}",
-    f"+stages.world.standins={_hydra_dict(TINY_STANDINS)}",
+    f"++stages.world.standins={_hydra_dict(TINY_STANDINS)}",  # merged into the recipe's block
     "trainer.max_steps=2",
     "trainer.per_device_train_batch_size=4",
     "trainer.logging_steps=1",

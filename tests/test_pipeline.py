@@ -56,8 +56,6 @@ def test_cli_runs_the_demo_recipe_end_to_end(tmp_path, tiny_recipe):
 
 
 def _students_cfg(run_dir: Path, tiny: list[str]):
-    # The students recipe already has a stages.world.standins block: the tiny stand-ins are merged into it.
-    tiny = [o.replace("+stages.world.standins=", "++stages.world.standins=") for o in tiny]
     with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
         return compose("config", overrides=["recipe=students", f"run.dir={run_dir}", *tiny,
                                             "stages.world.standins.vision_towers=[clip,siglip]"])

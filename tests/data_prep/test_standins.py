@@ -74,3 +74,45 @@ def test_unknown_vision_standin_is_rejected():
 
     with pytest.raises(ValueError, match="vision_towers"):
         StandinConfig(vision_towers=["vit"])
+
+
+def test_word_embedding_targets_follow_the_scene(tiny_world):
+    """Each patch's target is its object's colour-word plus shape-word embedding; an empty cell's is zero."""
+    from data_prep.standins import word_embedding_targets
+
+    tok = AutoTokenizer.from_pretrained(tiny_world["tokenizer"])
+    emb = torch.randn(len(tok), 8, generator=torch.Generator().manual_seed(0))
+    scene = {"objects": [{"shape": "circle", "color": "red", "row": 0, "col": 0},
+                         {"shape": "square", "color": "blue", "row": 2, "col": 1}]}
+    targets = word_embedding_targets([scene], 3, emb, tok)[0]
+
+    def word(w):
+        return emb[tok(" " + w, add_special_tokens=False)["input_ids"]].mean(0)
+
+    assert torch.allclose(targets[0], word("red") + word("circle"))  # top left
+    assert torch.allclose(targets[7], word("blue") + word("square"))  # bottom centre
+    assert torch.count_nonzero(targets[[1, 2, 3, 4, 5, 6, 8]]) == 0
+
+
+def test_teacher_init_keeps_the_standins_and_fits_its_projector(tiny_world):
+    """``teacher_init`` is the vision stand-in and the large LLM, bit for bit, plus a projector that was fitted."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from distill.models.student import load_vlm
+
+    model, _ = load_vlm(str(tiny_world["teacher_init"]))
+    vision = AutoModel.from_pretrained(tiny_world["vision_tower"])
+    llm = AutoModelForCausalLM.from_pretrained(tiny_world["llm_large"])
+    for name, value in vision.state_dict().items():
+        assert torch.equal(model.model.vision_tower.state_dict()[name], value), name
+    llm_weights = load_file(tiny_world["llm_large"] / "model.safetensors")
+    own = {**{f"model.{k}": v for k, v in model.model.language_model.state_dict().items()},
+           **{f"lm_head.{k}": v for k, v in model.lm_head.state_dict().items()}}
+    for name, value in llm_weights.items():
+        rows = value.shape[0] if value.dim() else None  # the VLM's vocab may have room for the image token
+        assert torch.equal(own[name][:rows], value), name
+    assert llm.config.hidden_size == model.config.text_config.hidden_size
+    fit = json.loads((tiny_world["teacher_init"] / "alignment.json").read_text())
+    assert fit["squared_error"] < fit["first_step_squared_error"]
