@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalConfig:
     main_process_only = True  # one copy of the world / one evaluation, not one per rank
-    models: dict[str, str]
-    """Label -> artifact folder, in table order."""
+    models: dict[str, str | None]
+    """Label -> artifact folder, in table order. A label set to null is left out (a recipe drops a model that the
+    recipe it extends lists)."""
     data_dir: str
     image_root: str
     template: str = "chatml"
@@ -72,6 +73,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         get_template(self.template)
+        self.models = {label: path for label, path in self.models.items() if path is not None}
         if not self.models:
             raise ValueError("eval.models: nothing to evaluate")
         for label, path in self.models.items():

@@ -1,0 +1,75 @@
+"""The findings driver: aggregation over seeds, verdicts, the recipe's wiring, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from distill.cli import RECIPES
+from eval.findings import COMPARISONS, aggregate, main, render, verdict
+
+
+def _rows(seed_shift: float, sft_gap: float) -> list[dict]:
+    base = {"vqa_acc": 0.5 + seed_shift, "pope_f1": 0.6, "chair_i": 0.2}
+    return [{"model": "d2s", **base},
+            {"model": "sft_moe", **base, "vqa_acc": base["vqa_acc"] - sft_gap},
+            {"model": "preference", **base, "chair_i": 0.25},
+            {"model": "d2s_e8", **base, "vqa_acc": base["vqa_acc"] + 0.2}]
+
+
+def test_aggregate_gives_mean_sample_std_and_score():
+    stats = aggregate([_rows(0.0, 0.1), _rows(0.02, 0.1), _rows(0.04, 0.1)])
+    mean, std, n = stats["d2s"]["vqa_acc"]
+    assert (n, mean) == (3, pytest.approx(0.52)) and std == pytest.approx(0.02)
+    assert stats["d2s"]["score"][0] == pytest.approx((0.52 + 0.6) / 2)
+
+
+def test_verdicts_follow_sign_and_margin():
+    by_name = {c.name[:2]: c for c in COMPARISONS}
+    clear = aggregate([_rows(s, 0.1) for s in (0.0, 0.01, 0.02)])  # KD ahead by 0.05 score, noise 0.01
+    assert verdict(clear, by_name["1."]) == ("reproduces", pytest.approx(0.05))
+    noisy = aggregate([_rows(0.0, 0.02), _rows(0.0, -0.01), _rows(0.0, 0.02)])
+    assert verdict(noisy, by_name["1."])[0] == "same direction, within noise"
+    reversed_ = aggregate([_rows(s, -0.1) for s in (0.0, 0.01, 0.02)])
+    assert verdict(reversed_, by_name["1."])[0] == "no"
+    assert verdict(clear, by_name["4b"])[0] == "no"  # preference raised CHAIR_i
+    assert verdict(clear, by_name["5b"])[0] == "no"  # 8 experts clearly better: the paper says no better
+    assert verdict(clear, by_name["2."]) == ("not run", None)
+    table = render(clear, [0, 1, 2])
+    assert "| d2s | D2D + D2S" in table and "0.510 ± 0.010" in table
+
+
+def test_findings_recipe_gives_every_line_the_same_budget():
+    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
+        cfg = compose("config", overrides=["recipe=findings", "seed=1"])
+    stages = OmegaConf.to_container(cfg.stages, resolve=True)
+    epochs = {k: stages[k]["training"]["num_train_epochs"] for k in ("d2d", "d2s", "d2s_only", "sft", "sft_moe",
+                                                                      "dense", "d2s_top1", "d2s_e8")}
+    phase1, phase2 = cfg.budget.phase1, cfg.budget.phase2
+    assert epochs["d2s_only"] == cfg.budget.total == phase1 + phase2
+    assert epochs["d2d"] == epochs["sft"] == phase1
+    assert {epochs[k] for k in ("d2s", "sft_moe", "dense", "d2s_top1", "d2s_e8")} == {phase2}
+    assert stages["d2s_only"]["model"]["artifact"].endswith("seed1/adapter_init/model")
+    assert stages["sft_moe"]["alpha"] == 0.0 and stages["sft_moe"]["model"]["artifact"].endswith("sft/model")
+    assert (stages["d2s_top1"]["upcycle"]["top_k"], stages["d2s_e8"]["upcycle"]["num_experts"]) == (1, 8)
+    assert stages["eval"]["models"]["teacher"] is None
+    assert all(stages[k]["teacher"]["path"] == cfg.teacher_model for k in ("d2d", "d2s", "preference", "dense"))
+
+
+def test_findings_driver_runs_a_tiny_world_end_to_end(tmp_path, tiny_recipe, capsys):
+    tiny = [o for o in tiny_recipe if not o.startswith("stages.eval.")]
+    main(["--dir", str(tmp_path), "--seeds", "0", "--", "trainer=cpu", "trainer.report_to=none", "stages.eval.limit=4",
+          "stages.eval.caption_max_new_tokens=8", "stages.teacher_eval.limit=4", *tiny])
+    rows = json.loads((tmp_path / "seed0" / "eval" / "results.json").read_text())
+    assert [r["model"] for r in rows] == ["adapter_init", "d2d", "d2s", "preference", "d2s_only", "sft", "sft_moe",
+                                          "dense", "d2s_top1", "d2s_e8"]
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "| teacher | teacher |" in report and "| 1. KD student vs SFT-only MoE student |" in report
+    assert (tmp_path / "RESULTS.png").stat().st_size > 0
+    active = {r["model"]: r["params_active_m"] for r in rows}
+    total = {r["model"]: r["params_total_m"] for r in rows}
+    assert active["dense"] < active["d2s_top1"] < active["d2s"] == pytest.approx(active["d2s_e8"], rel=0.01)
+    assert total["d2s_e8"] > total["d2s"]
