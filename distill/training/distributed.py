@@ -47,6 +47,12 @@ def prepare_teacher(teacher: torch.nn.Module, accelerator: Accelerator) -> torch
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         from trl.models.utils import prepare_deepspeed
 
+        from distill.models.fp8 import Fp8Linear
+
+        if any(isinstance(m, Fp8Linear) for m in teacher.modules()):
+            raise ValueError("teacher.fp8 does not combine with DeepSpeed (its engine would cast the fp8 weights); "
+                             "turn one of them off")
+
         stage = accelerator.state.deepspeed_plugin.zero_stage
         engine = prepare_deepspeed(teacher, accelerator)
         log.info("teacher: %s", "partitioned across ranks (ZeRO-3)" if stage == 3 else

@@ -81,6 +81,9 @@ class TeacherConfig:
     attn_implementation: str = "auto"
     """``auto`` (flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa), ``sdpa``,
     ``flash_attention_2`` or ``eager``."""
+    fp8: bool = False
+    """Run the teacher's LLM linear layers as rowwise-scaled fp8 products (distill/models/fp8.py): an opt-in
+    approximation for Hopper-class GPUs; not with DeepSpeed (its engines would cast the fp8 weights)."""
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.cache is None):
@@ -92,6 +95,8 @@ class TeacherConfig:
             raise FileNotFoundError(f"teacher.path: no checkpoint at {self.path}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"teacher.dtype={self.dtype!r}")
+        if self.fp8 and self.cache is not None:
+            raise ValueError("teacher.fp8 applies to a live teacher (teacher.path), not to a teacher cache")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"teacher.attn_implementation={self.attn_implementation!r}: expected one of "
                              f"{ATTN_IMPLEMENTATIONS}")
@@ -273,4 +278,9 @@ def open_teacher(
             log.warning("teacher.cache without kd.tail_bucket=true: the student's probability outside the cached "
                         "top-%d is not trained; set +stages.<stage>.kd.tail_bucket=true", cache.top_k)
         return cache, None
-    return load_teacher(cfg.path, cfg.torch_dtype(), cfg.attn_implementation)
+    teacher, processor = load_teacher(cfg.path, cfg.torch_dtype(), cfg.attn_implementation)
+    if cfg.fp8:
+        from distill.models.fp8 import convert_to_fp8
+
+        log.info("teacher.fp8: %s", convert_to_fp8(teacher))
+    return teacher, processor

@@ -1017,6 +1017,34 @@ def base_row(args: argparse.Namespace, device_name: str) -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M"), "status": "ok"}
 
 
+@torch.no_grad()
+def fp8_teacher(teacher: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], device: torch.device,
+                chunk: int = 1024) -> dict[str, Any]:
+    """Convert the teacher to the fp8 forward (distill/models/fp8.py) and report its fidelity: the mean
+    KL(bf16 teacher || fp8 teacher) over the response positions of ``batches``."""
+    from distill.models.fp8 import convert_to_fp8, fp8_fidelity
+    from distill.training.kd import split_inputs
+
+    def response_logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v.to(device) for k, v in split_inputs(batch, "teacher_").items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(teacher.dtype)
+        mask = batch["teacher_labels"][:, 1:].to(device) != -100
+        return teacher(**inputs, use_cache=False).logits[:, :-1][mask]
+
+    exact = [response_logits(b) for b in batches]
+    counts = convert_to_fp8(teacher)
+    kls, n = 0.0, 0
+    for batch, ref in zip(batches, exact):
+        approx = response_logits(batch)
+        for i in range(0, ref.shape[0], chunk):
+            rows = ref[i:i + chunk].shape[0]
+            kls += fp8_fidelity(ref[i:i + chunk], approx[i:i + chunk]) * rows
+            n += rows
+    return {"fp8_linears": counts["converted"], "fp8_kept": counts["kept"], "fp8_kl": kls / max(n, 1),
+            "fp8_kl_tokens": n}
+
+
 def run_once(args: argparse.Namespace) -> dict[str, Any]:
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -1041,6 +1069,8 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     student, teacher, top_k = build_models(args.stage, args.student, args.tiny, text_only, device, attn,
                                            teacher_dtype, args.experts)
     s_spec, t_spec = flop_spec(student, top_k), flop_spec(teacher, 0)
+    if args.teacher_fp8:
+        row.update(fp8_teacher(teacher, data.batches[:2], device))
     ctx = Context(args, stage_defaults(args.stage), device, cuda, bf16, data, student, teacher, top_k, out_dir)
     if cuda:
         torch.cuda.empty_cache()
@@ -1233,6 +1263,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--fp32", action="store_true", help="--tiny: fp32 everywhere instead of bf16 autocast")
     p.add_argument("--experts", choices=("eager", "sorted", "grouped_mm"), default=None,
                    help="D2S / preference: the MoE experts' forward (default: the D2S stage's)")
+    p.add_argument("--teacher-fp8", action="store_true", help="the teacher's LLM linears as rowwise fp8 products "
+                   "(teacher.fp8); reports fp8_kl, KL(bf16 || fp8 teacher) on the first two batches' responses")
     p.add_argument("--profile", default=None, help="record two timed steps with torch.profiler; write trace.json "
                    "and ops.txt (operators by self time) into this folder (the profiled steps run slower)")
     p.add_argument("--header", action="store_true", help="print the markdown header too")
@@ -1248,7 +1280,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value != p.get_default(flag[2:].replace("-", "_")):
             passthrough += [flag, str(value)]
-    passthrough += [f for f in ("--grad-ckpt", "--fp32", "--kd-autocast", "--trl-loop")
+    passthrough += [f for f in ("--grad-ckpt", "--fp32", "--kd-autocast", "--trl-loop", "--teacher-fp8")
                     if getattr(args, f[2:].replace("-", "_"))]
     return args, passthrough
 

@@ -107,3 +107,14 @@ def test_profile_records_two_steps_after_the_warmup(tmp_path):
     steps = {e["name"] for e in json.loads((out / "trace.json").read_text())["traceEvents"]
              if e.get("name", "").startswith("ProfilerStep#")}
     assert len(steps) == 2  # warm-up steps and the schedule's own warm-up step are not recorded
+
+
+def test_teacher_fp8_reports_its_fidelity(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--variant", "ours", "--stage", "d2d", "--steps", "1",
+           "--warmup", "1", "--teacher-fp8", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["status"] == "ok" and row["fp8_linears"] > 0 and row["fp8_kl_tokens"] > 0
+    assert 0 < row["fp8_kl"] < 1e-2  # an approximation: not exact, but close
