@@ -131,8 +131,13 @@ def _cell(stat: tuple[float, float, int] | None, fmt: str = ".3f") -> str:
     return f"{mean:{fmt}} ± {std:{fmt}}" if n > 1 else f"{mean:{fmt}}"
 
 
+def _models(stats: dict[str, dict[str, tuple[float, float, int]]]) -> list[str]:
+    """Table and plot order: the teacher, then the lines that were run."""
+    return ["teacher", *[m for m in LINES if m in stats]]
+
+
 def render(stats: dict[str, dict[str, tuple[float, float, int]]], seeds: list[int], header: str = "") -> str:
-    models = ["teacher", *[m for m in LINES if m in stats]]
+    models = _models(stats)
     lines = [header, "", f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))} (teacher: one run). "
              "score = (VQA accuracy + POPE F1) / 2.", "",
              "| model | line | score | VQA acc | POPE F1 | CHAIR_i | KL(teacher) | active params (M) | runs |",
@@ -156,7 +161,7 @@ def plot(stats: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> P
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    models = ["teacher", *[m for m in LINES if m in stats]]
+    models = _models(stats)
     metrics = ("score", "vqa_acc", "pope_f1", "chair_i")
     fig = Figure(figsize=(max(8, 1.1 * len(models)), 4.5))
     FigureCanvasAgg(fig)
@@ -197,9 +202,9 @@ def load_runs(findings_dir: Path, seeds: list[int]) -> tuple[list[list[dict[str,
 
 def _distill(args: list[str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
-    handle = log.open("a")
-    return subprocess.Popen([sys.executable, "-m", "distill", "recipe=findings", *args], stdout=handle,
-                            stderr=subprocess.STDOUT, env=os.environ.copy())
+    with log.open("a") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "distill", "recipe=findings", *args], stdout=handle,
+                                stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
 def run_parts(parts: list[str], findings_dir: Path, seeds: list[int], parallel: int, overrides: list[str]) -> None:
