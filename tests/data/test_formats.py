@@ -27,6 +27,9 @@ def root(tmp_path):
     _image(tmp_path / "images" / "a.png")
     (tmp_path / "images" / "broken.png").write_bytes(b"not a png at all")
     (tmp_path / "secret.png").write_bytes(b"x")
+    _image(tmp_path / "elsewhere" / "c.png")
+    (tmp_path / "images" / "leak.png").symlink_to(tmp_path / "elsewhere" / "c.png")
+    (tmp_path / "images" / "leakdir").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     return tmp_path
 
 
@@ -52,6 +55,8 @@ BAD = {
     "empty response": ({**_good("b6"), "conversations": [
         {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "  "}]}, "empty response"),
     "outside image folder": (_good("b7", "../secret.png"), "outside the image folder"),
+    "link out of the folder": (_good("b9", "leak.png"), "outside the image folder"),
+    "through a linked folder": (_good("b10", "leakdir/c.png"), "outside the image folder"),
     "<image> without image": ({"id": "b8", "conversations": [
         {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}, "no image"),
 }
@@ -65,6 +70,16 @@ def test_bad_record_error_names_file_and_record(root, case):
         load_llava_json(root / "d.json", root / "images")
     msg = str(err.value)
     assert str(root / "d.json") in msg and f"record {record['id']}" in msg and needle in msg
+
+
+def test_images_in_subfolders_and_links_within_the_folder_are_accepted(root):
+    # The loader lists the folder once; paths it did not list (links, files added later) take the full check.
+    _image(root / "images" / "train" / "b.png")
+    (root / "images" / "alias.png").symlink_to(root / "images" / "a.png")
+    records = [_good("r1", "train/b.png"), _good("r2", "alias.png"), _good("r3", "./a.png")]
+    (root / "d.json").write_text(json.dumps(records))
+    ds, stats = load_llava_json(root / "d.json", root / "images")
+    assert stats.kept == 3 and ds["image"] == ["train/b.png", "alias.png", "./a.png"]
 
 
 def test_bad_records_skipped_and_counted(root):
