@@ -7,6 +7,7 @@ own inputs over the same response tokens.
 
 Labels are ``-100`` everywhere but the responses (``train_on="responses"``) or everywhere but padding and
 image tokens (``train_on="all"``). The model shifts labels itself; the KD losses shift the same way.
+With ``packed=True`` a batch is one padding-free row per model (``data.packing``).
 """
 
 from __future__ import annotations
@@ -92,18 +93,32 @@ class ConversationEncoder:
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
 
-    def batch(self, items: Sequence[Encoded], prefix: str = "") -> dict[str, torch.Tensor]:
-        """Right-padded tensors; ``pixel_values`` holds one row per record that has an image, in order."""
-        width = max(len(e.input_ids) for e in items)
-        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, e in enumerate(items):
-            n = len(e.input_ids)
-            ids[i, :n] = torch.tensor(e.input_ids)
-            labels[i, :n] = torch.tensor(e.labels)
-            mask[i, :n] = 1
-        out = {f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask, f"{prefix}labels": labels}
+    def batch(self, items: Sequence[Encoded], prefix: str = "", packed: bool = False) -> dict[str, torch.Tensor]:
+        """Right-padded tensors; ``pixel_values`` holds one row per record that has an image, in order.
+
+        ``packed``: the records concatenated into one row with no padding and no attention mask; ``position_ids``
+        restart at 0 for each record, from which transformers builds the mask that keeps attention inside each
+        record. Each record's first label is ignored, so no position predicts across a record boundary: the same
+        predictions as the padded batch.
+        """
+        if packed:
+            labels_of = [[IGNORE_INDEX, *e.labels[1:]] for e in items]
+            out = {
+                f"{prefix}input_ids": torch.tensor([[t for e in items for t in e.input_ids]]),
+                f"{prefix}position_ids": torch.tensor([[p for e in items for p in range(len(e.input_ids))]]),
+                f"{prefix}labels": torch.tensor([[t for labels in labels_of for t in labels]]),
+            }
+        else:
+            width = max(len(e.input_ids) for e in items)
+            ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+            labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(items), width), dtype=torch.long)
+            for i, e in enumerate(items):
+                n = len(e.input_ids)
+                ids[i, :n] = torch.tensor(e.input_ids)
+                labels[i, :n] = torch.tensor(e.labels)
+                mask[i, :n] = 1
+            out = {f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask, f"{prefix}labels": labels}
         images = [e.image for e in items if e.image is not None]
         if images:
             out[f"{prefix}pixel_values"] = self.pixel_values(images)
@@ -114,11 +129,13 @@ class SupervisedCollator:
     """Batches LLaVA-format records for the student (and the teacher, if its encoder is given)."""
 
     def __init__(self, student: ConversationEncoder, image_root: str | Path | None,
-                 teacher: ConversationEncoder | None = None, with_ids: bool = False) -> None:
+                 teacher: ConversationEncoder | None = None, with_ids: bool = False, packed: bool = False) -> None:
         self.student = student
         self.teacher = teacher
         self.with_ids = with_ids
         """Also return ``record_ids`` (a list of str): a teacher cache looks its targets up by record id."""
+        self.packed = packed
+        """One padding-free row per batch for each model (``ConversationEncoder.batch``)."""
         self.image_root = Path(image_root) if image_root is not None else None
 
     def load_image(self, record: dict[str, Any]) -> Image.Image | None:
@@ -131,10 +148,10 @@ class SupervisedCollator:
 
     def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [self.load_image(r) for r in records]
-        batch = self.student.batch([self.student.encode(r, im) for r, im in zip(records, images)])
+        batch = self.student.batch([self.student.encode(r, im) for r, im in zip(records, images)], packed=self.packed)
         if self.teacher is not None:
             teacher_items = [self.teacher.encode(r, im) for r, im in zip(records, images)]
-            batch.update(self.teacher.batch(teacher_items, prefix="teacher_"))
+            batch.update(self.teacher.batch(teacher_items, prefix="teacher_", packed=self.packed))
         if self.with_ids:
             batch["record_ids"] = [str(r["id"]) for r in records]
         return batch

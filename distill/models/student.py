@@ -88,7 +88,7 @@ class StudentParts:
             raise ValueError("student.vision_feature_select_strategy must be 'default' or 'full'")
 
 
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "flex_attention", "eager")
 
 
 def resolve_attn_implementation(requested: str) -> str:

@@ -60,9 +60,9 @@ def build_collator(cfg_data: DataConfig, kd: KDConfig, processor, teacher_proces
     train_on = "all" if kd.distill_all_tokens else "responses"
     student = ConversationEncoder(processor, template, cfg_data.max_length, train_on=train_on)
     if teacher_processor is None:
-        return SupervisedCollator(student, cfg_data.image_root, with_ids=True)
+        return SupervisedCollator(student, cfg_data.image_root, with_ids=True, packed=cfg_data.packing)
     teacher = ConversationEncoder(teacher_processor, template, cfg_data.max_length, train_on=train_on)
-    return SupervisedCollator(student, cfg_data.image_root, teacher=teacher)
+    return SupervisedCollator(student, cfg_data.image_root, teacher=teacher, packed=cfg_data.packing)
 
 
 def run(cfg: ImitationConfig, ctx: StageContext) -> dict[str, Any]:

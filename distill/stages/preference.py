@@ -67,6 +67,8 @@ class PreferenceConfig:
             raise ValueError("preference.teacher: needs the teacher checkpoint (teacher.path): a top-k cache holds "
                              "no sequence log-probs; precompute_reference keeps the teacher out of memory instead")
         self.data = as_dataclass(self.data, DataConfig)
+        if self.data.packing:
+            raise ValueError("preference.data.packing: not supported; the pairs' sequence log-probs are taken per row")
         self.trainable = as_dataclass(self.trainable, Trainability)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")

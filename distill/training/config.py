@@ -26,6 +26,10 @@ class DataConfig:
     """Decode every image once at load time (catches truncated files before training starts)."""
     limit: int | None = None
     """Read at most this many records per file (quick runs)."""
+    packing: bool = False
+    """Concatenate each micro-batch's records into one row without padding (per-record ``position_ids``; attention
+    stays inside each record). Same loss as padded batches; pays off where padding is a large share of the batch and
+    the attention kernel skips the masked blocks (``flex_attention``, ``flash_attention_2``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.train, str):
@@ -52,7 +56,8 @@ class ModelInit:
     parts: StudentParts | None = None
     attn_implementation: str = "auto"
     """``auto``: flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa; or any of
-    ``sdpa``, ``flash_attention_2``, ``eager``."""
+    ``sdpa``, ``flash_attention_2``, ``flex_attention`` (GPU training: skips the other records' blocks of a packed
+    batch, see ``data.packing``), ``eager``."""
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:

@@ -35,7 +35,7 @@ from distill.models.student import ATTN_IMPLEMENTATIONS
 from distill.models.teacher import load_teacher
 from distill.training.distributed import gathered, is_zero3_engine, prepare_teacher, run_in_forward, unwrap
 
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes")
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class TeacherConfig:
     teacher takes the student's dtype (bf16 when ``training.bf16``)."""
     attn_implementation: str = "auto"
     """``auto`` (flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa), ``sdpa``,
-    ``flash_attention_2`` or ``eager``."""
+    ``flash_attention_2``, ``flex_attention`` (with ``data.packing`` on a GPU) or ``eager``."""
     fp8: bool = False
     """Run the teacher's LLM linear layers as rowwise-scaled fp8 products (distill/models/fp8.py): an opt-in
     approximation for Hopper-class GPUs; not with DeepSpeed (its engines would cast the fp8 weights)."""
@@ -246,7 +246,10 @@ class KDLoss:
         s_mask = shifted_response_mask(labels)
         targets = labels[:, 1:][s_mask[:, :-1]]
         cached = self.teacher.lookup(inputs["record_ids"])
-        if not torch.equal(cached["lengths"], s_mask.sum(1).cpu()) or not torch.equal(
+        expected = cached["lengths"]
+        if expected.numel() != labels.size(0):  # a packed batch: one row holds every record
+            expected = expected.sum(0, keepdim=True)
+        if not torch.equal(expected, s_mask.sum(1).cpu()) or not torch.equal(
                 cached["targets"].long(), targets.cpu()):
             raise ValueError(f"teacher cache {self.teacher.root}: the cached response tokens differ from the "
                              "student's for these records (another tokenizer, template or max_length?)")

@@ -113,6 +113,6 @@ def supervised_stage(
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(data)
     encoder = ConversationEncoder(processor, template, data.max_length, train_on=train_on)
-    collator = SupervisedCollator(encoder, data.image_root)
+    collator = SupervisedCollator(encoder, data.image_root, packed=data.packing)
     metrics = train(ctx, model, processor, dataset, collator, ce_loss)
     return {**metrics, "data": stats}

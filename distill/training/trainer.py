@@ -73,6 +73,15 @@ class DistillTrainer(Trainer):
                 self._component_sums[name] = self._component_sums.get(name, 0.0) + float(value.detach())
         return (loss, None) if return_outputs else loss
 
+    def _track_num_input_tokens(self, inputs):
+        # A packed batch (data.packing) has no padding and no attention mask: every token is real.
+        packed = "attention_mask" not in inputs and "position_ids" in inputs
+        if packed and self.args.include_num_input_tokens_seen != "no":
+            tokens = torch.as_tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+            return
+        super()._track_num_input_tokens(inputs)
+
     def _skip_nonfinite(self, loss: torch.Tensor, return_outputs: bool):
         self.nonfinite_losses += 1
         step, loss = self.state.global_step, loss.detach()

@@ -247,7 +247,7 @@ class Data:
     """The student's ConversationEncoder (the text-only TRL variant pads with its ``batch``)."""
 
 
-def build_data(stage: str, tiny: bool, micro_batch: int, n_steps: int, root: Path) -> Data:
+def build_data(stage: str, tiny: bool, micro_batch: int, n_steps: int, root: Path, packing: bool = False) -> Data:
     """Records written as the public formats, loaded and collated by the project's own data path."""
     from distill.data.collate import ConversationEncoder, SupervisedCollator
     from distill.data.formats import load_llava_json, load_preference
@@ -267,7 +267,7 @@ def build_data(stage: str, tiny: bool, micro_batch: int, n_steps: int, root: Pat
     path = root / ("pairs.json" if stage == "preference" else "train.json")
     records = preference_records(n, data) if stage == "preference" else conversation_records(n, data)
     path.write_text(json.dumps(records))
-    cfg = DataConfig(train=[str(path)], image_root=str(images), max_length=data["max_length"])
+    cfg = DataConfig(train=[str(path)], image_root=str(images), max_length=data["max_length"], packing=packing)
     template = get_template(cfg.template)
     encoder = ConversationEncoder(processor, template, cfg.max_length)
     if stage == "preference":
@@ -438,9 +438,13 @@ def step_flops(student: FlopSpec, teacher: FlopSpec, lengths: Sequence[int], res
 
 
 def batch_stats(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    mask = batch["attention_mask"]
     labels = batch["labels"]
-    return {"lengths": mask.sum(1).tolist(), "real": int(mask.sum()), "padded": mask.numel(),
+    if "attention_mask" in batch:
+        lengths = batch["attention_mask"].sum(1).tolist()
+    else:  # packed (--packing): one row, a record starts wherever the position ids restart at 0
+        starts = [*(batch["position_ids"][0] == 0).nonzero().flatten().tolist(), labels.size(1)]
+        lengths = [b - a for a, b in zip(starts, starts[1:])]
+    return {"lengths": lengths, "real": sum(lengths), "padded": labels.numel(),
             "responses": int((labels[:, 1:] != -100).sum()),
             "images": int(batch["pixel_values"].size(0)) if "pixel_values" in batch else 0,
             "shape": tuple(labels.shape)}
@@ -1001,7 +1005,8 @@ def markdown_row(row: dict[str, Any]) -> str:
 
     variant = row["variant"] + (" (loop)" if row.get("trl_mode") == "loop" else "") + \
         (" (pad max)" if row.get("pad") == "max" and row["variant"] == "naive" else "") + \
-        (" (+kd autocast)" if row.get("kd_autocast") and row["variant"] in ("ours", "bare") else "")
+        (" (+kd autocast)" if row.get("kd_autocast") and row["variant"] in ("ours", "bare") else "") + \
+        (" (packed)" if row.get("packing") else "")
     return (f"| {variant} | {row['stage']} | {row['student']}{' MoE' if row['stage'] != 'd2d' else ''} | "
             f"{row['micro_batch']} | {num('tokens_per_s', ',.0f')} | {num('padding', '.1%')} | {num('mfu', '.1%')} | "
             f"{num('peak_gib', '.1f')} | {num('loss_share', '.1%')} | {num('step_s_median', '.3f')} | "
@@ -1012,7 +1017,7 @@ def base_row(args: argparse.Namespace, device_name: str) -> dict[str, Any]:
     return {"variant": args.variant, "stage": args.stage, "student": args.student, "micro_batch": args.micro_batch,
             "steps": args.steps, "warmup": args.warmup, "device": device_name, "attn": args.attn,
             "grad_ckpt": args.grad_ckpt, "experts": args.experts, "pad": args.pad, "tiny": args.tiny,
-            "kd_autocast": args.kd_autocast,
+            "kd_autocast": args.kd_autocast, "packing": args.packing,
             "trl_mode": ("loop" if args.trl_loop else "trainer") if args.variant == "trl_gkd" else None,
             "date": time.strftime("%Y-%m-%d %H:%M"), "status": "ok"}
 
@@ -1063,7 +1068,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     bf16 = cuda or not args.fp32
     out_dir = Path(tempfile.mkdtemp(prefix="kd_throughput_"))
     n_steps = args.warmup + args.steps
-    data = build_data(args.stage, args.tiny, args.micro_batch, n_steps, out_dir / "data")
+    data = build_data(args.stage, args.tiny, args.micro_batch, n_steps, out_dir / "data", args.packing)
     text_only = args.variant == "trl_gkd"
     teacher_dtype = torch.bfloat16 if bf16 else torch.float32
     student, teacher, top_k = build_models(args.stage, args.student, args.tiny, text_only, device, attn,
@@ -1267,12 +1272,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
                    "(teacher.fp8); reports fp8_kl, KL(bf16 || fp8 teacher) on the first two batches' responses")
     p.add_argument("--profile", default=None, help="record two timed steps with torch.profiler; write trace.json "
                    "and ops.txt (operators by self time) into this folder (the profiled steps run slower)")
+    p.add_argument("--packing", action="store_true", help="ours / bare, D2D / D2S: padding-free batches "
+                   "(data.packing), both models; pair with --attn flex_attention so attention skips other records")
     p.add_argument("--header", action="store_true", help="print the markdown header too")
     p.add_argument("--out", default=None, help="append the JSON line to this file")
     p.add_argument("--sweep", choices=sorted(PLANS), default=None, help="run a plan, one process per row")
     p.add_argument("--dry-run", action="store_true", help="--sweep: print the commands only")
     p.add_argument("--run-timeout", type=int, default=540, help="--sweep: seconds per run")
     args = p.parse_args(argv)
+    if args.packing and (args.variant not in ("ours", "bare") or args.stage == "preference"):
+        p.error("--packing: only for the ours and bare variants of d2d and d2s (naive and TRL pad by definition)")
     if args.workers is None:
         args.workers = 0 if args.tiny else 2
     passthrough = []
@@ -1280,7 +1289,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value != p.get_default(flag[2:].replace("-", "_")):
             passthrough += [flag, str(value)]
-    passthrough += [f for f in ("--grad-ckpt", "--fp32", "--kd-autocast", "--trl-loop", "--teacher-fp8")
+    passthrough += [f for f in ("--grad-ckpt", "--fp32", "--kd-autocast", "--trl-loop", "--teacher-fp8", "--packing")
                     if getattr(args, f[2:].replace("-", "_"))]
     return args, passthrough
 

@@ -118,3 +118,19 @@ def test_teacher_fp8_reports_its_fidelity(tmp_path):
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["status"] == "ok" and row["fp8_linears"] > 0 and row["fp8_kl_tokens"] > 0
     assert 0 < row["fp8_kl"] < 1e-2  # an approximation: not exact, but close
+
+
+def test_packing_runs_the_same_tokens_without_padding(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    base = [sys.executable, str(SCRIPT), "--tiny", "--variant", "ours", "--stage", "d2s", "--steps", "2",
+            "--warmup", "1", "--out", str(out)]
+    for extra in ([], ["--packing"]):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    padded, packed = map(json.loads, out.read_text().splitlines())
+    assert packed["packing"] and packed["status"] == "ok" and packed["tokens_seen_check"] is True
+    assert packed["padding"] == 0 < padded["padding"]
+    assert packed["real_tokens"] == padded["real_tokens"] and packed["response_tokens"] == padded["response_tokens"]
+    assert packed["first_loss"] == pytest.approx(padded["first_loss"], rel=1e-5)
+    refused = subprocess.run(base[:3] + ["naive", "--packing"], capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode != 0 and "--packing" in refused.stderr
