@@ -545,6 +545,41 @@ class LossProbe:
         return [t * 1000 for t in self.calls]
 
 
+class PhaseTimer:
+    """``--phases`` (bare loop): CUDA events around the teacher's and the student's forwards (module hooks), the
+    backward pass and the optimizer (clip, step, zero_grad) of every step; the KD loss is ``LossProbe``'s."""
+
+    PHASES = ("teacher_forward", "student_forward", "backward", "optimizer")
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        self.steps: list[dict[str, list[Any]]] = []
+        self.handles = []
+        for name, module in (("teacher_forward", teacher), ("student_forward", student)):
+            self.handles.append(module.register_forward_pre_hook(lambda *_, n=name: self.start(n)))
+            self.handles.append(module.register_forward_hook(lambda *_, n=name: self.end(n)))
+
+    def new_step(self) -> None:
+        self.steps.append({})
+
+    def start(self, phase: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.steps[-1].setdefault(phase, []).append([event, None])
+
+    def end(self, phase: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.steps[-1][phase][-1][1] = event
+
+    def median_ms(self, skip: int) -> dict[str, float]:
+        torch.cuda.synchronize()
+        for handle in self.handles:
+            handle.remove()
+        per_step = [{p: sum(a.elapsed_time(b) for a, b in spans) for p, spans in step.items()}
+                    for step in self.steps[skip:]]
+        return {p: statistics.median(step.get(p, 0.0) for step in per_step) for p in self.PHASES}
+
+
 class FirstLoss:
     """Wraps a stage loss object; keeps the value of its first call (one sync, in the first warm-up step)."""
 
@@ -750,20 +785,32 @@ def run_loop(ctx: Context, clock: Clock, step_loss: Callable, token_normalised: 
         width = DATA["tiny" if ctx.args.tiny else "real"]["max_length"]
         batches = [pad_to(b, width, ctx.data.encoder.pad_id) for b in batches]
     state: dict[str, Any] = {"optimizer": optimizer, "first_loss": None, "batches": batches}
+    phases = PhaseTimer(ctx.student, ctx.teacher) if ctx.args.phases else None
     clock.marks = []
     clock.mark()
     for batch in batches:
+        if phases is not None:
+            phases.new_step()
         batch = _to(batch, ctx.device)
         num_items = (batch["labels"][..., 1:] != -100).sum() if token_normalised else None
         with _autocast(ctx.cuda, ctx.bf16 and loop_autocast):
             loss = step_loss(batch, num_items)
         if state["first_loss"] is None:
             state["first_loss"] = float(loss.detach())
+        if phases is not None:
+            phases.start("backward")
         loss.backward()
+        if phases is not None:
+            phases.end("backward")
+            phases.start("optimizer")
         torch.nn.utils.clip_grad_norm_(ctx.student.parameters(), targs.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if phases is not None:
+            phases.end("optimizer")
         clock.mark()
+    if phases is not None:
+        state["phases_ms"] = phases.median_ms(ctx.args.warmup)
     return state
 
 
@@ -1133,6 +1180,8 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     insitu = probe.times_ms()[args.warmup:]
     if insitu:
         row["loss_insitu_ms"] = statistics.median(insitu)
+    if "phases_ms" in state:
+        row["phases_ms"] = state["phases_ms"]
     median_index = sorted(range(len(stats)), key=lambda i: stats[i]["padded"])[len(stats) // 2]
     free_optimizer(state, student)
     state.clear()
@@ -1274,6 +1323,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
                    "and ops.txt (operators by self time) into this folder (the profiled steps run slower)")
     p.add_argument("--packing", action="store_true", help="ours / bare, D2D / D2S: padding-free batches "
                    "(data.packing), both models; pair with --attn flex_attention so attention skips other records")
+    p.add_argument("--phases", action="store_true", help="bare variant on GPU: median milliseconds per step of the "
+                   "teacher forward, student forward, backward and optimizer (phases_ms; the loss: loss_insitu_ms)")
     p.add_argument("--header", action="store_true", help="print the markdown header too")
     p.add_argument("--out", default=None, help="append the JSON line to this file")
     p.add_argument("--sweep", choices=sorted(PLANS), default=None, help="run a plan, one process per row")
@@ -1282,6 +1333,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     args = p.parse_args(argv)
     if args.packing and (args.variant not in ("ours", "bare") or args.stage == "preference"):
         p.error("--packing: only for the ours and bare variants of d2d and d2s (naive and TRL pad by definition)")
+    if args.phases and (args.variant != "bare" or args.tiny):
+        p.error("--phases: only for the bare variant on a GPU (CUDA events)")
     if args.workers is None:
         args.workers = 0 if args.tiny else 2
     passthrough = []
