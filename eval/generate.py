@@ -82,8 +82,10 @@ class Generator:
         if images:
             inputs["pixel_values"] = self.encoder.pixel_values(images).to(self.device, self.model.dtype)
         start = time.perf_counter()
+        # The image token is never a reply: generated, it would be fed back as an image slot with no features.
         generated = self.model.generate(
-            **inputs, max_new_tokens=max_new, do_sample=False, eos_token_id=self.eos_token_id, pad_token_id=pad
+            **inputs, max_new_tokens=max_new, do_sample=False, eos_token_id=self.eos_token_id, pad_token_id=pad,
+            suppress_tokens=[self.encoder.image_token_id],
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize()
