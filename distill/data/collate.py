@@ -102,7 +102,7 @@ class ConversationEncoder:
         predictions as the padded batch.
         """
         if packed:
-            labels_of = [[IGNORE_INDEX, *e.labels[1:]] for e in items]
+            labels_of = [[IGNORE_INDEX, *e.labels[1:]] if e.labels else [] for e in items]
             out = {
                 f"{prefix}input_ids": torch.tensor([[t for e in items for t in e.input_ids]]),
                 f"{prefix}position_ids": torch.tensor([[p for e in items for p in range(len(e.input_ids))]]),

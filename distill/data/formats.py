@@ -86,7 +86,11 @@ class ImageFolder:
 
 
 def _plain_files(folder: Path | str, prefix: str = "") -> Iterator[str]:
-    with os.scandir(folder) as entries:
+    try:
+        entries = os.scandir(folder)
+    except OSError:  # unreadable or gone: its records take the full check and fail (or are skipped) one by one
+        return
+    with entries:
         for entry in entries:
             if entry.is_symlink():
                 continue

@@ -48,7 +48,9 @@ def load_conversations(data: DataConfig) -> tuple[Dataset, list[dict[str, Any]]]
 def ce_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
     labels = inputs["labels"]
     model_inputs = {k: v for k, v in inputs.items() if k != "labels" and not k.startswith("teacher_")}
-    logits = model(**model_inputs).logits
+    # No cache: with one, transformers builds a plain causal mask and a packed row (data.packing) would attend
+    # across its records; the training forward never needs one anyway.
+    logits = model(**model_inputs, use_cache=False).logits
     ce = response_ce(logits, labels, num_items_in_batch)
     return ce, {"ce": ce}
 

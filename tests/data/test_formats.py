@@ -82,6 +82,25 @@ def test_images_in_subfolders_and_links_within_the_folder_are_accepted(root):
     assert stats.kept == 3 and ds["image"] == ["train/b.png", "alias.png", "./a.png"]
 
 
+def test_an_unlistable_subfolder_does_not_stop_the_load(root, monkeypatch):
+    import os
+
+    import distill.data.formats as formats
+
+    _image(root / "images" / "locked" / "c.png")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(formats.os, "scandir", scandir)
+    (root / "d.json").write_text(json.dumps([_good("r1"), _good("r2", "locked/c.png"), _good("r3", "locked/no.png")]))
+    ds, stats = load_llava_json(root / "d.json", root / "images", on_bad_record="skip")
+    assert ds["id"] == ["r1", "r2"] and sum(stats.skipped.values()) == 1  # the listing's gap takes the full check
+
+
 def test_bad_records_skipped_and_counted(root):
     records = [_good()] + [rec for rec, _ in BAD.values()]
     (root / "d.json").write_text(json.dumps(records))
