@@ -149,9 +149,7 @@ def _teacher_targets(teacher, batch: dict[str, torch.Tensor], cfg: TeacherCacheC
     The same operations as the live KD loss on the teacher side (last hidden states, LM head, fp32 softmax of
     logits / T), so that k = vocabulary reproduces it.
     """
-    inputs = {k: v.to(device) for k, v in split_inputs(batch).items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(teacher.dtype)
+    inputs = {k: v.to(device) for k, v in split_inputs(batch, dtype=teacher.dtype).items()}
     labels = batch["labels"].to(device)
     mask = shifted_response_mask(labels)
     hidden = last_hidden(teacher, inputs)[mask]

@@ -1,4 +1,5 @@
-"""Batched greedy generation for any image-text-to-text artifact, prompted with the training chat template.
+"""Batched greedy generation for any image-text-to-text artifact, prompted with its own chat template (``template``
+names the one used when the artifact has none).
 
     gen = Generator.from_artifact("runs/demo/teacher/model", template="chatml")
     answers = gen.answer([("eval/000001.png", "How many shapes are there?")], image_root, max_new_tokens=8)
@@ -67,20 +68,17 @@ class Generator:
         return out
 
     def _batch(self, items: Sequence[tuple[str | None, str]], image_root: Path | None, max_new: int) -> list[str]:
-        prompts, images = [], []
+        conversations, images = [], []
         for image, question in items:
             text = f"{IMAGE_PLACEHOLDER}\n{question}" if image is not None else question
-            prompts.append(self.encoder.encode_prompt([{"from": "human", "value": text}]))
-            if image is not None:
-                images.append(open_image(image_root, image))
-        width = max(len(p) for p in prompts)
+            conversations.append([{"from": "human", "value": text}])
+            images.append([open_image(image_root, image)] if image is not None else [])
+        # Left padding (the processor's own prompt and tensors), so every row's next token is generated at the
+        # same position.
+        inputs = {k: v.to(self.device) for k, v in self.encoder.prompts(conversations, images).items()}
+        inputs = {k: v.to(self.model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        width = inputs["input_ids"].shape[1]
         pad = self.encoder.pad_id
-        # Left padding, so that every row's next token is generated at the same position.
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        inputs = {"input_ids": ids, "attention_mask": mask}
-        if images:
-            inputs["pixel_values"] = self.encoder.pixel_values(images).to(self.device, self.model.dtype)
         start = time.perf_counter()
         # The image token is never a reply: generated, it would be fed back as an image slot with no features.
         generated = self.model.generate(

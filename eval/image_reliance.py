@@ -21,6 +21,7 @@ from distill.data.collate import ConversationEncoder, SupervisedCollator
 from distill.data.formats import IMAGE_PLACEHOLDER
 from distill.data.templates import get_template
 from distill.models.student import load_vlm
+from distill.training.kd import split_inputs
 from eval.benchmarks import read_jsonl
 
 
@@ -47,14 +48,13 @@ def answer_accuracy(model, processor, items: list[dict], image_root: Path, templ
     hits: dict[str, list[bool]] = defaultdict(list)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        records = [{"id": str(i), "image": r["image"], "conversations": [
+        shown = _other_image([r["image"] for r in chunk]) if wrong_image else range(len(chunk))
+        records = [{"id": str(i), "image": chunk[j]["image"], "conversations": [
             {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{r['question']}"},
-            {"from": "gpt", "value": str(r["answer"])}]} for i, r in enumerate(chunk)]
+            {"from": "gpt", "value": str(r["answer"])}]} for i, (r, j) in enumerate(zip(chunk, shown))]
         batch = {k: v.to(device) for k, v in collator(records).items()}
         labels = batch.pop("labels")
-        if wrong_image:
-            batch["pixel_values"] = batch["pixel_values"][_other_image([r["image"] for r in chunk])]
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        batch = split_inputs(batch, dtype=model.dtype)
         pred = model(**batch).logits[:, :-1].argmax(-1)
         target = labels[:, 1:]
         ok = ((pred == target) | (target == -100)).all(1)

@@ -1,20 +1,28 @@
-"""Turn checked records into model inputs: chat template, image tokens, response-only labels, padding.
+"""Turn checked records into model inputs, each model through its own processor and chat template.
 
-``ConversationEncoder`` renders one record for one model (its processor decides the image-token count and
-the pixel values). ``SupervisedCollator`` batches records for the student and, when given a teacher encoder,
-for the teacher too (``teacher_*`` keys), so a teacher with another vision tower or image-token count sees its
-own inputs over the same response tokens.
+A record's LLaVA turns become standard chat messages (an image part wherever the text had ``<image>``);
+the model's processor renders them with its chat template, expands each image into that model's image tokens
+(at that image's size) and returns every tensor its forward takes (``pixel_values``, ``image_grid_thw``,
+``image_sizes``, ``pixel_attention_mask``, ``token_type_ids``, ...). Nothing here knows a model family's layout:
+the batch is exactly what ``processor.apply_chat_template(messages, tokenize=True, return_dict=True)`` returns for
+the same messages, plus ``labels``.
 
-Labels are ``-100`` everywhere but the responses (``train_on="responses"``) or everywhere but padding and
-image tokens (``train_on="all"``). The model shifts labels itself; the KD losses shift the same way.
-With ``packed=True`` a batch is one padding-free row per model (``data.packing``).
+Labels come from the rendered conversation, for any template: each reply's characters are the difference between
+the conversation rendered up to that reply and the same prefix rendered with the generation prompt; the
+tokenizer's offsets (mapped back through the processor's image-token expansion) say which tokens they are. Labels
+are ``-100`` everywhere but the replies and their end-of-turn marker (``train_on="responses"``), or everywhere
+but padding and image tokens (``train_on="all"``). The model shifts labels itself; the KD losses shift the same way.
+
+``SupervisedCollator`` batches records for the student and, when given a teacher encoder, for the teacher too
+(``teacher_*`` keys), so a teacher with another vision tower, image-token layout or template sees its own inputs
+over the same response tokens. With ``packed=True`` a batch is one padding-free row per model (``data.packing``).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,107 +30,241 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
-from distill.data.formats import IMAGE_PLACEHOLDER, DataError, open_image
+from distill.data.formats import IMAGE_PLACEHOLDER, DataError, open_image, record_images
 from distill.data.templates import ChatTemplate
 
 IGNORE_INDEX = -100
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+"""Processor outputs with one value per token ([rows, tokens]): padded, truncated and packed with the text."""
+_BOOKKEEPING = ("offset_mapping", "text_replacement_offsets", "labels")
+"""Processor outputs that are not model inputs (PaliGemma's processor makes its own ``labels``: ours replace them)."""
 
 
-@functools.cache
-def _blank_image(size: int = 32) -> Image.Image:
-    return Image.new("RGB", (size, size))
+def image_token_id(processor: ProcessorMixin) -> int:
+    """The id of the token that stands for image features (Gemma3's processor names its begin-of-image token
+    ``image_token`` but keeps the feature token's id in ``image_token_id``)."""
+    token_id = getattr(processor, "image_token_id", None)
+    if isinstance(token_id, int):
+        return token_id
+    return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
 
-def count_image_tokens(processor: ProcessorMixin) -> int:
-    """How many tokens one image becomes for this processor (asked of the processor, not computed by hand)."""
-    encoded = processor(text=IMAGE_PLACEHOLDER, images=_blank_image(), return_tensors="pt")
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    return int((encoded["input_ids"] == image_token_id).sum())
+def count_image_tokens(processor: ProcessorMixin, size: tuple[int, int] = (32, 32)) -> int:
+    """How many image-feature tokens one image of ``size`` (width, height) becomes, asked of the processor."""
+    image = Image.new("RGB", size)
+    encoded = processor(text=[processor.image_token], images=[[image]], return_tensors="pt")
+    return int((encoded["input_ids"] == image_token_id(processor)).sum())
 
 
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-    image: Image.Image | None
+def render_chat(processor: ProcessorMixin, messages: list[dict[str, Any]], chat_template: str | None = None,
+                add_generation_prompt: bool = False) -> str:
+    """``processor.apply_chat_template(messages, tokenize=False)``. A processor loaded without its video part
+    (no torchvision, distill/models/processors.py) renders through the base class's method: SmolVLM's override
+    only adds video-sampling defaults, read from the video processor it does not have."""
+    apply = processor.apply_chat_template
+    if getattr(processor, "video_processor", ...) is None:
+        apply = functools.partial(ProcessorMixin.apply_chat_template, processor)
+    return apply(messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def to_messages(conversations: Sequence[dict[str, str]],
+                images: Sequence[Image.Image] | None = None) -> list[dict[str, Any]]:
+    """LLaVA turns (``from``: human / gpt) as standard chat messages, each ``<image>`` an image part where it stood.
+
+    The newline LLaVA data puts next to ``<image>`` is dropped: each template places its image parts itself.
+    ``images``, if given, are attached to the image parts in order (for ``apply_chat_template(tokenize=True)``).
+    """
+    attached = iter(images or ())
+    messages = []
+    for turn in conversations:
+        role = "user" if turn["from"] == "human" else "assistant"
+        pieces = turn["value"].split(IMAGE_PLACEHOLDER)
+        content: list[dict[str, Any]] = []
+        for i, piece in enumerate(pieces):
+            if i > 0:
+                part = {"type": "image"}
+                if images is not None:
+                    part["image"] = next(attached)
+                content.append(part)
+            text = piece.strip("\n") if len(pieces) > 1 else piece
+            if text:
+                content.append({"type": "text", "text": text})
+        messages.append({"role": role, "content": content})
+    return messages
 
 
 class ConversationEncoder:
-    """Encodes conversations for one model: text through the template, ``<image>`` expanded to its tokens."""
+    """Encodes conversations for one model with its processor and chat template.
 
-    def __init__(self, processor: ProcessorMixin, template: ChatTemplate, max_length: int,
+    ``template`` is used only when the processor has no chat template of its own (an assembled student before its
+    first artifact, a checkpoint saved without one); a model's own template always wins, so each model is prompted
+    the way it was trained.
+    """
+
+    def __init__(self, processor: ProcessorMixin, template: ChatTemplate | None, max_length: int,
                  train_on: str = "responses") -> None:
         if train_on not in ("responses", "all"):
             raise ValueError(f"train_on={train_on!r}: expected 'responses' or 'all'")
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.template = template
         self.max_length = max_length
         self.train_on = train_on
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
-        self.n_image_tokens = count_image_tokens(processor)
+        own = getattr(processor, "chat_template", None)
+        self.chat_template = own if own else (template.jinja if template is not None else None)
+        if not self.chat_template:
+            raise ValueError(f"{type(processor).__name__} has no chat template and none was given (data.template)")
+        self.image_token_id = image_token_id(processor)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        bos = self.tokenizer.bos_token
+        self._bos = bos if isinstance(bos, str) and bos else None
 
-    def tokenize(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if self.image_token_id not in ids:
-            return ids
-        out: list[int] = []
-        for tok in ids:
-            out.extend([tok] * self.n_image_tokens if tok == self.image_token_id else [tok])
-        return out
+    # -- rendering -------------------------------------------------------------------------------------------
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        return render_chat(self.processor, messages, self.chat_template, add_generation_prompt)
 
-    def encode(self, record: dict[str, Any], image: Image.Image | None) -> Encoded:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        for text, is_response in self.template.segments(record["conversations"]):
-            ids = self.tokenize(text)
-            input_ids.extend(ids)
-            trained = is_response or self.train_on == "all"
-            labels.extend(t if trained and t != self.image_token_id else IGNORE_INDEX for t in ids)
-        if len(input_ids) > self.max_length:
-            if self.image_token_id in input_ids[self.max_length:]:
-                raise DataError(f"record {record.get('id')}: max_length={self.max_length} would cut image tokens")
-            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
-        return Encoded(input_ids, labels, image)
+    def render_with_spans(self, messages: list[dict[str, Any]], rid: Any = None) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character span of each reply (end-of-turn marker included,
+        the whitespace a template puts after it excluded)."""
+        text = self.render(messages)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[: i + 1])
+            if not (upto.startswith(prompt) and text.startswith(upto)):
+                raise DataError(f"record {rid}: the chat template does not render the conversation as a sequence of "
+                                "turns (a prefix renders differently), so replies cannot be located in it")
+            spans.append((len(prompt), len(upto.rstrip())))
+        return text, spans
 
-    def encode_prompt(self, conversation: list[dict[str, str]]) -> list[int]:
-        """Token ids of a generation prompt (the conversation so far, then the assistant prefix)."""
-        return self.tokenize(self.template.prompt(conversation))
+    # -- encoding --------------------------------------------------------------------------------------------
+    def _call_processor(self, texts: list[str], images: Sequence[Sequence[Image.Image]],
+                        padding_side: str, with_offsets: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "padding_side": padding_side,
+                                  "return_tensors": "pt"}
+        if with_offsets:
+            kwargs.update(return_offsets_mapping=True, return_text_replacement_offsets=True)
+        if any(images):
+            kwargs["images"] = [list(im) for im in images]
+        if self._bos is not None and all(t.startswith(self._bos) for t in texts):
+            kwargs["add_special_tokens"] = False  # the template wrote it, as apply_chat_template assumes
+        return dict(self.processor(**kwargs))
 
-    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+    def encode(self, records: Sequence[dict[str, Any]], images: Sequence[Sequence[Image.Image]]) -> dict[str, Any]:
+        """Padded (right) processor outputs for ``records`` with ``labels``; rows cut to ``max_length``."""
+        texts, spans = [], []
+        for record in records:
+            text, reply_spans = self.render_with_spans(to_messages(record["conversations"]), record.get("id"))
+            texts.append(text)
+            spans.append(reply_spans)
+        try:
+            out = self._call_processor(texts, images, "right", with_offsets=True)
+        except DataError:
+            raise
+        except Exception as err:  # the processor's own message (token/image counts, sizes), with the records named
+            ids = [r.get("id") for r in records]
+            raise DataError(f"records {ids}: {type(self.processor).__name__} refused them: {err}") from err
+        labels = torch.full_like(out["input_ids"], IGNORE_INDEX)
+        image_cut = []
+        for row, record in enumerate(records):
+            trained, image = self._token_roles(out, row, spans[row])
+            ids = out["input_ids"][row]
+            labels[row, trained] = ids[trained]
+            if image.numel() and int(image.max()) >= self.max_length:
+                image_cut.append(record.get("id"))
+        if image_cut:
+            raise DataError(f"record {image_cut[0]}: max_length={self.max_length} would cut image tokens")
+        for key in _BOOKKEEPING:
+            out.pop(key, None)
+        out["labels"] = labels
+        return _truncate(out, self.max_length)
 
-    def batch(self, items: Sequence[Encoded], prefix: str = "", packed: bool = False) -> dict[str, torch.Tensor]:
-        """Right-padded tensors; ``pixel_values`` holds one row per record that has an image, in order.
+    def _token_roles(self, out: dict[str, Any], row: int, spans: list[tuple[int, int]]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of the trained tokens and of the image tokens of one row, from the tokenizer's offsets mapped
+        back through the processor's image expansions to the rendered text."""
+        offsets = out["offset_mapping"][row].tolist()
+        mask = out["attention_mask"][row].tolist() if "attention_mask" in out else [1] * len(offsets)
+        replacements = (out.get("text_replacement_offsets") or [[]] * (row + 1))[row]
+        new_starts = [r["new_span"][0] for r in replacements]
+        trained, image = [], []
+        starts = [s for s, _ in spans]
+        for pos, ((start, end), real) in enumerate(zip(offsets, mask)):
+            if not real:
+                continue
+            k = bisect.bisect_right(new_starts, start) - 1
+            if k >= 0 and start < replacements[k]["new_span"][1]:
+                image.append(pos)  # inside an image's expansion: never a target
+                continue
+            if end == start:  # a token the tokenizer added (no text): not part of any reply
+                original = -1
+            else:
+                gained = sum(r["new_span"][1] - r["new_span"][0] - (r["span"][1] - r["span"][0])
+                             for r in replacements[: k + 1])
+                original = start - gained
+            if self.train_on == "all":
+                trained.append(pos)
+                continue
+            j = bisect.bisect_right(starts, original) - 1
+            if original >= 0 and j >= 0 and original < spans[j][1]:
+                trained.append(pos)
+        return torch.tensor(trained, dtype=torch.long), torch.tensor(image, dtype=torch.long)
+
+    def batch(self, records: Sequence[dict[str, Any]], images: Sequence[Sequence[Image.Image]], prefix: str = "",
+              packed: bool = False) -> dict[str, Any]:
+        """The model's inputs and labels for ``records`` (``images[i]``: record i's images, in order), keys prefixed.
 
         ``packed``: the records concatenated into one row with no padding and no attention mask; ``position_ids``
         restart at 0 for each record, from which transformers builds the mask that keeps attention inside each
         record. Each record's first label is ignored, so no position predicts across a record boundary: the same
         predictions as the padded batch.
         """
+        out = self.encode(records, images)
         if packed:
-            labels_of = [[IGNORE_INDEX, *e.labels[1:]] if e.labels else [] for e in items]
-            out = {
-                f"{prefix}input_ids": torch.tensor([[t for e in items for t in e.input_ids]]),
-                f"{prefix}position_ids": torch.tensor([[p for e in items for p in range(len(e.input_ids))]]),
-                f"{prefix}labels": torch.tensor([[t for labels in labels_of for t in labels]]),
-            }
-        else:
-            width = max(len(e.input_ids) for e in items)
-            ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-            labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(items), width), dtype=torch.long)
-            for i, e in enumerate(items):
-                n = len(e.input_ids)
-                ids[i, :n] = torch.tensor(e.input_ids)
-                labels[i, :n] = torch.tensor(e.labels)
-                mask[i, :n] = 1
-            out = {f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask, f"{prefix}labels": labels}
-        images = [e.image for e in items if e.image is not None]
-        if images:
-            out[f"{prefix}pixel_values"] = self.pixel_values(images)
+            out = _pack(out)
+        return {prefix + k: v for k, v in out.items()}
+
+    def prompts(self, conversations: Sequence[Sequence[dict[str, str]]],
+                images: Sequence[Sequence[Image.Image]]) -> dict[str, Any]:
+        """Left-padded generation prompts (each conversation so far, then the assistant's turn opened)."""
+        texts = [self.render(to_messages(c), add_generation_prompt=True) for c in conversations]
+        out = self._call_processor(texts, images, "left", with_offsets=False)
+        for key in _BOOKKEEPING:
+            out.pop(key, None)
         return out
+
+
+def _truncate(out: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """Cut the per-token outputs to ``max_length`` (image tokens were checked to fit) and drop all-padding columns."""
+    width = out["input_ids"].shape[1]
+    if "attention_mask" in out:
+        width = min(width, int(out["attention_mask"].sum(1).max()))
+    width = min(width, max_length)
+    for key in TEXT_KEYS + ("labels",):
+        if key in out and out[key].shape[1] > width:
+            out[key] = out[key][:, :width]
+    return out
+
+
+def _pack(out: dict[str, Any]) -> dict[str, Any]:
+    lengths = (out["attention_mask"].sum(1) if "attention_mask" in out
+               else torch.full((out["input_ids"].shape[0],), out["input_ids"].shape[1])).tolist()
+    packed = {}
+    for key in TEXT_KEYS:
+        if key in out and key != "attention_mask":
+            packed[key] = torch.cat([out[key][i, :n] for i, n in enumerate(lengths)]).unsqueeze(0)
+    labels = [out["labels"][i, :n].clone() for i, n in enumerate(lengths)]
+    for row in labels:
+        if row.numel():
+            row[0] = IGNORE_INDEX  # would be predicted from the previous record's last token
+    packed["labels"] = torch.cat(labels).unsqueeze(0)
+    packed["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    # The image inputs stay as they are: every supported model scatters its image features into the image-token
+    # positions in order over the whole batch, so one row takes the same images. (3-D rope models are refused at
+    # stage start: ``check_packing``.)
+    packed.update({k: v for k, v in out.items() if k not in TEXT_KEYS and k != "labels"})
+    return packed
 
 
 class SupervisedCollator:
@@ -138,20 +280,20 @@ class SupervisedCollator:
         """One padding-free row per batch for each model (``ConversationEncoder.batch``)."""
         self.image_root = Path(image_root) if image_root is not None else None
 
-    def load_image(self, record: dict[str, Any]) -> Image.Image | None:
-        if record.get("image") is None and record.get("image_bytes") is None:
-            return None
-        try:
-            return open_image(self.image_root, record.get("image"), record.get("image_bytes"))
-        except Exception as err:
-            raise DataError(f"record {record.get('id')}: cannot read image {record.get('image')!r}: {err}") from err
+    def load_images(self, record: dict[str, Any]) -> list[Image.Image]:
+        images = []
+        for path, data in record_images(record):
+            try:
+                images.append(open_image(self.image_root, path, data))
+            except Exception as err:
+                raise DataError(f"record {record.get('id')}: cannot read image {path!r}: {err}") from err
+        return images
 
-    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        images = [self.load_image(r) for r in records]
-        batch = self.student.batch([self.student.encode(r, im) for r, im in zip(records, images)], packed=self.packed)
+    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        images = [self.load_images(r) for r in records]
+        batch = self.student.batch(records, images, packed=self.packed)
         if self.teacher is not None:
-            teacher_items = [self.teacher.encode(r, im) for r, im in zip(records, images)]
-            batch.update(self.teacher.batch(teacher_items, prefix="teacher_", packed=self.packed))
+            batch.update(self.teacher.batch(records, images, prefix="teacher_", packed=self.packed))
         if self.with_ids:
             batch["record_ids"] = [str(r["id"]) for r in records]
         return batch

@@ -1,8 +1,9 @@
 """Loaders for the public formats, into ``datasets.Dataset``, with every record checked up front.
 
 - LLaVA conversation JSON: a JSON list of ``{"id", "image", "conversations": [{"from": "human", "value":
-  "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]}`` plus an image folder; text-only records (no
-  ``image``) are allowed.
+  "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]}`` plus an image folder; ``image`` may be a list (one
+  ``<image>`` per image, in the human turns, as LLaVA-OneVision's data); text-only records (no ``image``) are
+  allowed.
 - RLAIF-V preference pairs, parquet or JSON: ``question``, ``chosen``, ``rejected`` and ``image`` (a path in
   the image folder, or the HF ``{"bytes": ..., "path": ...}`` struct).
 
@@ -120,8 +121,9 @@ def _check_image(folder: ImageFolder | None, image: str | None, image_bytes: byt
         raise DataError(f"image {image!r} is unreadable: {err}") from err
 
 
-def check_conversation(conversations: Any, has_image: bool) -> None:
-    """Roles alternate human/gpt starting with human, replies are non-empty, ``<image>`` sits where it must."""
+def check_conversation(conversations: Any, n_images: int) -> None:
+    """Roles alternate human/gpt starting with human, replies are non-empty, one ``<image>`` per image, in the
+    human turns (LLaVA's single-image records have it in the first one; multi-image records anywhere)."""
     if not isinstance(conversations, list) or not conversations:
         raise DataError("'conversations' must be a non-empty list")
     for i, turn in enumerate(conversations):
@@ -135,13 +137,32 @@ def check_conversation(conversations: Any, has_image: bool) -> None:
     if len(conversations) % 2:
         raise DataError("the conversation ends with a human turn (no response to train on)")
     counts = [t["value"].count(IMAGE_PLACEHOLDER) for t in conversations]
-    if has_image:
-        if sum(counts) != 1:
-            raise DataError(f"an image is given, so exactly one {IMAGE_PLACEHOLDER} is expected; found {sum(counts)}")
-        if counts[0] != 1:
-            raise DataError(f"{IMAGE_PLACEHOLDER} must be in the first human turn")
-    elif sum(counts):
-        raise DataError(f"{IMAGE_PLACEHOLDER} appears but the record has no image")
+    if any(counts[1::2]):
+        raise DataError(f"{IMAGE_PLACEHOLDER} inside a response")
+    if sum(counts) != n_images:
+        raise DataError(f"{IMAGE_PLACEHOLDER} placeholders do not match the images: {sum(counts)} placeholders, "
+                        f"{n_images} images")
+
+
+def image_list(image: Any) -> list[str]:
+    """A record's ``image`` field as a list of relative paths (LLaVA JSON: a string, a list, or absent)."""
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(x, str) for x in image):
+        return list(image)
+    raise DataError("'image' must be a relative path string or a list of them")
+
+
+def record_images(record: dict[str, Any]) -> list[tuple[str | None, bytes | None]]:
+    """``(path, bytes)`` of each image of a loaded record, in order: the ``images`` column of LLaVA JSON, or the
+    ``image`` / ``image_bytes`` of a preference pair or a hand-made record."""
+    if record.get("images") is not None:
+        return [(path, None) for path in record["images"]]
+    if record.get("image_bytes") is not None:
+        return [(record.get("image"), record["image_bytes"])]
+    return [(path, None) for path in image_list(record.get("image"))]
 
 
 def _validate_records(
@@ -182,7 +203,8 @@ def load_llava_json(
     verify_images: bool = True,
     limit: int | None = None,
 ) -> tuple[Dataset, LoadStats]:
-    """Read LLaVA conversation JSON (or JSONL) into a Dataset with columns id, image, conversations."""
+    """Read LLaVA conversation JSON (or JSONL) into a Dataset with columns id, images (a list of paths, empty for
+    text-only records), conversations."""
     path = Path(path)
     records = _read_json_records(path)
     if limit is not None:
@@ -190,15 +212,13 @@ def load_llava_json(
     folder = ImageFolder(Path(image_root)) if image_root is not None else None
 
     def check(record: dict[str, Any]) -> dict[str, Any]:
-        image = record.get("image")
-        if image is not None and not isinstance(image, str):
-            raise DataError("'image' must be a relative path string")
-        check_conversation(record.get("conversations"), has_image=image is not None)
-        if image is not None:
+        images = image_list(record.get("image"))
+        check_conversation(record.get("conversations"), n_images=len(images))
+        for image in images:
             _check_image(folder, image, None, verify_images)
         return {
             "id": str(record.get("id", "")),
-            "image": image,
+            "images": images,
             "conversations": [{"from": t["from"], "value": t["value"]} for t in record["conversations"]],
         }
 

@@ -1,13 +1,16 @@
-"""Chat templates, chosen by name in the data config (never guessed from a model name).
+"""Chat templates for models that come without one, chosen by name in the data config (never guessed from a model
+name).
 
-A template renders a LLaVA-style conversation into text segments, each marked as response or not, so the
-collator can train on responses only. ``jinja`` is the same template for ``processor.apply_chat_template``,
-written into every artifact so that users of the checkpoint prompt it the way it was trained.
+A model whose processor has a chat template (every real VLM checkpoint, every artifact we write) is always
+prompted with its own; ``data.template`` names the template an assembled student starts with, written into its
+artifacts so that users of the checkpoint prompt it the way it was trained. ``jinja`` is that template for
+``processor.apply_chat_template``; ``segments`` renders the same text piecewise (the stand-in LLMs' corpus).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,27 @@ class ChatTemplate:
         return "".join(text for text, _ in self.segments(conversation)) + self.assistant_prefix
 
 
-_CHATML_JINJA = (
-    "{% for message in messages %}"
-    "{% if message['content'] is string %}{% set text = message['content'] %}"
-    "{% else %}{% set text = '' %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{% set text = text + '<image>\n' %}"
-    "{% else %}{% set text = text + part['text'] %}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+def _jinja(turn_start: str, turn_end: str, generation_prompt: str) -> str:
+    """A chat template for ``apply_chat_template``: string or list-of-parts content (the standard transformers
+    message form), each image part rendered as ``<image>`` and a newline where it stands, as LLaVA data has it.
+    The text is collected in a ``namespace``: a variable set inside a Jinja loop does not outlive the loop."""
+    return (
+        "{% for message in messages %}"
+        "{% set ns = namespace(text='') %}"
+        "{% if message['content'] is string %}{% set ns.text = message['content'] %}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}{% set ns.text = ns.text + '<image>\n' %}"
+        "{% elif part['type'] == 'text' %}{% set ns.text = ns.text + part['text'] %}{% endif %}"
+        "{% endfor %}{% endif %}"
+        "{{ " + turn_start + " + ns.text + " + turn_end + " }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ " + generation_prompt + " }}{% endif %}"
+    )
+
+
+_CHATML_JINJA = _jinja("'<|im_start|>' + message['role'] + '\n'", "'<|im_end|>\n'", "'<|im_start|>assistant\n'")
+_LLAMA3_JINJA = _jinja("'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'", "'<|eot_id|>'",
+                       "'<|start_header_id|>assistant<|end_header_id|>\n\n'")
 
 TEMPLATES: dict[str, ChatTemplate] = {
     # Qwen2 / Qwen3 family (ChatML).
@@ -71,6 +85,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
         assistant_suffix="<|eot_id|>",
         separator="",
+        jinja=_LLAMA3_JINJA,
     ),
 }
 
@@ -79,3 +94,9 @@ def get_template(name: str) -> ChatTemplate:
     if name not in TEMPLATES:
         raise ValueError(f"data.template={name!r}: expected one of {sorted(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def default_chat_template(processor: Any, name: str) -> None:
+    """Give ``processor`` the named template when it has none of its own (its own is how the model was trained)."""
+    if not getattr(processor, "chat_template", None):
+        processor.chat_template = get_template(name).jinja

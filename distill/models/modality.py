@@ -157,7 +157,7 @@ def _route(ffn: nn.Module, visual_expert: nn.Module, routing: ModalityRouting) -
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.get_submodule("model.language_model").layers
+    return model.base_model.get_decoder().layers
 
 
 def _image_token_id(model: PreTrainedModel) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from transformers import (
 )
 
 from distill.models.modality import ModalityExpertsConfig, add_modality_experts, load_with_modality_experts
+from distill.models.processors import has_torchvision, image_only_processors, load_processor
 from distill.models.vlm import (
     DistillLlavaConfig,
     DistillLlavaForConditionalGeneration,
@@ -197,8 +199,7 @@ def load_vlm(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTra
         raise FileNotFoundError(f"no transformers checkpoint at {path} (config.json missing)")
     # A plain AutoModelForImageTextToText load, unless the config records modality experts to rebuild first.
     model = load_with_modality_experts(path, dtype=dtype or "auto")
-    processor = AutoProcessor.from_pretrained(path)
-    return model, processor
+    return model, load_processor(path)
 
 
 def save_artifact(model: PreTrainedModel, processor: ProcessorMixin, path: str | Path) -> Path:
@@ -206,5 +207,11 @@ def save_artifact(model: PreTrainedModel, processor: ProcessorMixin, path: str |
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    processor.save_pretrained(path)
+    save_processor(processor, path)
     return path
+
+
+def save_processor(processor: ProcessorMixin, path: str | Path) -> None:
+    """``processor.save_pretrained``; one loaded without its video part (no torchvision here) saves without it."""
+    with nullcontext() if has_torchvision() else image_only_processors():
+        processor.save_pretrained(path)

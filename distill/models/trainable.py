@@ -5,8 +5,11 @@
     ...train...
     merge_lora(model)          # before save_pretrained: the artifact stays a plain transformers model
 
-Components are found by attribute path in the Llava layout (``model.vision_tower``, ``model.multi_modal_projector``,
-``model.language_model`` + ``lm_head``); MoE students add ``experts`` (every MoE layer's experts, shared expert
+Components are found the way transformers names them, not by one family's attribute paths: the LLM is the base
+model's ``get_decoder()`` plus the output embeddings, the vision tower its ``get_encoder(modality="image")``, and
+the projector what the base model holds besides the two (Llava's ``multi_modal_projector``, Idefics3's
+``connector``) or, where that is nothing, the encoder's trailing children that map into the LLM's width
+(Qwen2-VL's ``merger``); see ``vision_parts``. MoE students add ``experts`` (every MoE layer's experts, shared expert
 included) and ``router`` (every MoE layer's router) views inside the LLM; students with modality experts
 (distill/models/modality.py) add ``visual_experts`` (every layer's visual FFN). ``frozen`` means "not opened": with
 ``{llm: frozen, experts: full}`` only the experts of the LLM train.
@@ -21,11 +24,7 @@ from torch import nn
 from distill.models.modality import visual_experts
 
 MODES = ("frozen", "full", "lora")
-COMPONENTS: dict[str, tuple[str, ...]] = {
-    "vision_tower": ("model.vision_tower",),
-    "projector": ("model.multi_modal_projector",),
-    "llm": ("model.language_model", "lm_head"),
-}
+COMPONENTS = ("vision_tower", "projector", "llm")
 
 
 @dataclass
@@ -46,9 +45,50 @@ VIEWS = (*MOE_COMPONENTS, VISUAL_EXPERTS)
 """Components inside the LLM, opened on top of (or instead of) the whole ``llm``."""
 
 
+def text_model(model: nn.Module) -> nn.Module:
+    """The VLM's language model (its decoder stack), as transformers' ``get_decoder`` finds it."""
+    base = model.base_model
+    decoder = base.get_decoder()
+    if decoder is base and not hasattr(base, "layers"):  # a text-only model's base is its decoder
+        raise ValueError(f"{type(model).__name__}: transformers finds no language model in it (get_decoder)")
+    return decoder
+
+
+def _out_width(module: nn.Module) -> int | None:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def vision_parts(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """``(vision tower modules, projector modules)`` of a VLM.
+
+    The tower is ``get_encoder(modality="image")`` of the base model. The projector is every other child of the base
+    model but the language model; a family that keeps it inside the encoder (Qwen2-VL's patch merger) has the
+    encoder's trailing children whose last linear layer outputs the LLM's width instead, and the tower is then the
+    encoder's other children.
+    """
+    base = model.base_model
+    encoder = base.get_encoder(modality="image")
+    if encoder is base:
+        raise ValueError(f"{type(model).__name__}: transformers finds no vision encoder in it (get_encoder('image'))")
+    decoder = text_model(model)
+    projector = [m for m in base.children() if m is not encoder and m is not decoder]
+    if projector:
+        return [encoder], projector
+    width = model.config.get_text_config().hidden_size
+    children = [c for c in encoder.children() if any(True for _ in c.parameters())]
+    inner = []
+    while children and _out_width(children[-1]) == width:
+        inner.insert(0, children.pop())
+    if not inner:
+        raise ValueError(f"{type(model).__name__}: no projector found (no module between its vision encoder and its "
+                         "language model, and none inside the encoder mapping to the LLM's width)")
+    return children, inner
+
+
 def _moe_parts(model: nn.Module, component: str) -> list[nn.Module]:
     mods = []
-    for layer in model.get_submodule("model.language_model").layers:
+    for layer in text_model(model).layers:
         block = layer.mlp
         if not hasattr(block, "experts"):
             continue
@@ -74,22 +114,20 @@ def component_modules(model: nn.Module, component: str) -> list[nn.Module]:
             raise ValueError(f"component {component!r} needs an MoE student (upcycle first)")
         return mods
     if component not in COMPONENTS:
-        known = sorted(COMPONENTS) + list(VIEWS)
+        known = list(COMPONENTS) + list(VIEWS)
         raise ValueError(f"unknown component {component!r}; expected one of {known}")
-    mods = []
-    for path in COMPONENTS[component]:
-        try:
-            mods.append(model.get_submodule(path))
-        except AttributeError as err:
-            raise ValueError(f"{type(model).__name__} has no {path!r} for component {component!r}") from err
-    return mods
+    if component == "llm":
+        head = model.get_output_embeddings()
+        return [text_model(model), *([head] if head is not None else [])]
+    tower, projector = vision_parts(model)
+    return tower if component == "vision_tower" else projector
 
 
 def validate_modes(modes: dict[str, str]) -> None:
     for comp, mode in modes.items():
         if comp not in COMPONENTS and comp not in VIEWS:
             raise ValueError(f"trainable.{comp}: unknown component; expected one of "
-                             f"{sorted(COMPONENTS) + list(VIEWS)}")
+                             f"{list(COMPONENTS) + list(VIEWS)}")
         if mode not in MODES:
             raise ValueError(f"trainable.{comp}={mode!r}: expected one of {MODES}")
 

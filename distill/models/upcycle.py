@@ -32,6 +32,7 @@ from transformers import MixtralConfig, PretrainedConfig, PreTrainedModel, Qwen2
 
 from distill.models.layer_spec import check_layer_spec, select_layers
 from distill.models.modality import restore_modality_experts
+from distill.models.trainable import text_model
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,9 @@ def upcycle(model: PreTrainedModel, cfg: UpcycleConfig) -> PreTrainedModel:
     config.text_config = moe_text
     new = type(model)(config).to(model.dtype)
     restore_modality_experts(new)  # their weights pass through _convert_state under their own names
-    state = _convert_state(model.state_dict(), "model.language_model.", moe_layers, cfg, family.shared_expert)
+    decoder = text_model(model)
+    prefix = next(name for name, mod in model.named_modules() if mod is decoder) + "."
+    state = _convert_state(model.state_dict(), prefix, moe_layers, cfg, family.shared_expert)
     missing, unexpected = new.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
@@ -165,7 +168,7 @@ def upcycle(model: PreTrainedModel, cfg: UpcycleConfig) -> PreTrainedModel:
 
 def moe_blocks(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """``(layer index, sparse MLP block)`` for every MoE layer of the model's LLM."""
-    lm = model.get_submodule("model.language_model")
+    lm = text_model(model)
     return [(i, layer.mlp) for i, layer in enumerate(lm.layers) if hasattr(layer.mlp, "experts")]
 
 

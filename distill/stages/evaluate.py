@@ -186,10 +186,7 @@ def kl_to_reference(cfg: EvalConfig, items: list[Item], model: torch.nn.Module, 
         batch = {k: v.to(device) for k, v in collator(records[start : start + cfg.batch_size]).items()}
         s_mask, t_mask, _ = paired_positions(batch["labels"], batch["teacher_labels"])
         s = model(**split_inputs(batch)).logits[s_mask]
-        t_in = split_inputs(batch, "teacher_")
-        if "pixel_values" in t_in:
-            t_in["pixel_values"] = t_in["pixel_values"].to(reference.dtype)
-        t = reference(**t_in).logits[t_mask]
+        t = reference(**split_inputs(batch, "teacher_", reference.dtype)).logits[t_mask]
         total += float(kd_loss(s, t)) * s.size(0)
         count += s.size(0)
     return total / max(count, 1)

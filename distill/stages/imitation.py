@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distill.data.collate import ConversationEncoder, SupervisedCollator
-from distill.data.templates import get_template
+from distill.data.templates import default_chat_template, get_template
 from distill.models.trainable import apply_trainability, parameter_table
 from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass
 from distill.training.context import StageContext
 from distill.training.kd import KDConfig, KDLoss, TeacherConfig, open_teacher
-from distill.training.supervised import load_conversations, load_model, train
+from distill.training.supervised import check_packing, load_conversations, load_model, train
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,9 @@ def build_collator(cfg_data: DataConfig, kd: KDConfig, processor, teacher_proces
 
 def run(cfg: ImitationConfig, ctx: StageContext) -> dict[str, Any]:
     model, processor = load_model(cfg.model)
-    processor.chat_template = get_template(cfg.data.template).jinja or None
+    default_chat_template(processor, cfg.data.template)
     teacher, teacher_processor = open_teacher(cfg.teacher, cfg.kd, cfg.data.template, cfg.data.max_length)
+    check_packing(cfg.data.packing, model, teacher)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(cfg.data)

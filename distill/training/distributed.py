@@ -39,6 +39,8 @@ from accelerate.utils import DistributedType
 from hydra.experimental.callback import Callback
 from transformers import ProcessorMixin, Trainer
 
+from distill.models.student import save_processor
+
 log = logging.getLogger(__name__)
 
 
@@ -139,7 +141,7 @@ def save_final(trainer: Trainer, processor: ProcessorMixin, path: str | Path) ->
         path.mkdir(parents=True, exist_ok=True)
         model = trainer.accelerator.unwrap_model(trainer.model)
         model.save_pretrained(path, state_dict=state, safe_serialization=True)
-        processor.save_pretrained(path)
+        save_processor(processor, path)
     trainer.accelerator.wait_for_everyone()
     return path
 

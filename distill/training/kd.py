@@ -35,7 +35,8 @@ from distill.models.student import ATTN_IMPLEMENTATIONS
 from distill.models.teacher import load_teacher
 from distill.training.distributed import gathered, is_zero3_engine, prepare_teacher, run_in_forward, unwrap
 
-MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes")
+NON_MODEL_KEYS = ("labels", "record_ids", "ref_logps")
+"""Batch entries that are not model inputs; everything else the collator returns goes to the forward."""
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,21 @@ class TeacherCache:
         return out
 
 
-def split_inputs(inputs: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    return {k: inputs[prefix + k] for k in MODEL_KEYS if prefix + k in inputs}
+def split_inputs(inputs: dict[str, Any], prefix: str = "", dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """One model's inputs from a batch: every entry its processor returned (``prefix`` ``""`` the student's,
+    ``"teacher_"`` the teacher's), whatever the family needs (``image_grid_thw``, ``image_sizes``,
+    ``pixel_attention_mask``, ``token_type_ids``, ...). ``dtype``: floating tensors (pixels) cast to the model's."""
+    out = {}
+    for key, value in inputs.items():
+        if not key.startswith(prefix) or (not prefix and key.startswith("teacher_")):
+            continue
+        name = key[len(prefix):]
+        if name in NON_MODEL_KEYS:
+            continue
+        if dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = value.to(dtype)
+        out[name] = value
+    return out
 
 
 def last_hidden(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -224,9 +238,7 @@ class KDLoss:
         # With distill_all_tokens the collator labelled every text token, so "labels" covers them.
         s_mask, t_mask, targets = paired_positions(inputs["labels"], inputs["teacher_labels"])
         device = inputs["input_ids"].device
-        t_inputs = {k: v.to(device) for k, v in split_inputs(inputs, "teacher_").items()}
-        if "pixel_values" in t_inputs:
-            t_inputs["pixel_values"] = t_inputs["pixel_values"].to(self.teacher.dtype)
+        t_inputs = {k: v.to(device) for k, v in split_inputs(inputs, "teacher_", self.teacher.dtype).items()}
         with torch.no_grad():
             h_t = last_hidden(self.teacher, t_inputs)[t_mask.to(device)]
         h_s = last_hidden(model, split_inputs(inputs))[s_mask]

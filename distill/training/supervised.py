@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from distill.data.collate import ConversationEncoder, SupervisedCollator
 from distill.data.formats import load_llava_json
-from distill.data.templates import get_template
+from distill.data.templates import default_chat_template, get_template
 from distill.losses.ce import response_ce
 from distill.models.student import build_student, load_vlm, resolve_attn_implementation
 from distill.models.trainable import apply_trainability, merge_lora, parameter_table
@@ -33,6 +33,19 @@ def load_model(init: ModelInit) -> tuple[PreTrainedModel, ProcessorMixin]:
         model, processor = build_student(init.parts, dtype=torch.float32)
     model.set_attn_implementation(resolve_attn_implementation(init.attn_implementation))
     return model, processor
+
+
+def check_packing(packing: bool, *models: Any) -> None:
+    """``data.packing`` gives each record 1-D position ids restarting at 0; a model that computes 3-D rope positions
+    from its image grids (Qwen2-VL's ``get_rope_index``) would lose them, so it is refused before any work."""
+    if not packing:
+        return
+    for model in models:
+        if model is None or not isinstance(model, torch.nn.Module):
+            continue
+        if hasattr(model, "get_rope_index") or hasattr(getattr(model, "model", None), "get_rope_index"):
+            raise ValueError(f"data.packing: {type(model).__name__} computes multimodal (3-D) rope positions, "
+                             "which a packed row's per-record 1-D positions cannot carry; set data.packing=false")
 
 
 def load_conversations(data: DataConfig) -> tuple[Dataset, list[dict[str, Any]]]:
@@ -107,10 +120,11 @@ def supervised_stage(
     """Cross-entropy training of the components that ``trainable`` opens; the rest stays bit-identical."""
     model, processor = load_model(init)
     template = get_template(data.template)
-    processor.chat_template = template.jinja or None
+    default_chat_template(processor, data.template)
     modes = trainable.modes
     if init.parts is not None and init.parts.modality_experts is not None:  # new visual experts: open them
         modes = init.parts.modality_experts.trainable_modes(modes)
+    check_packing(data.packing, model)
     apply_trainability(model, modes, trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(data)

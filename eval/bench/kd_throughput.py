@@ -835,8 +835,7 @@ def run_naive(ctx: Context, clock: Clock) -> dict[str, Any]:
     recorder = RouterRecorder(ctx.student) if stage != "d2d" else None
 
     def step_loss(batch, num_items):
-        t_inputs = split_inputs(batch, "teacher_")
-        t_inputs["pixel_values"] = t_inputs["pixel_values"].to(ctx.teacher.dtype)
+        t_inputs = split_inputs(batch, "teacher_", ctx.teacher.dtype)
         with torch.no_grad():
             t_logits = ctx.teacher(**t_inputs, use_cache=False).logits
         if recorder is not None:
@@ -1078,9 +1077,7 @@ def fp8_teacher(teacher: torch.nn.Module, batches: Sequence[dict[str, torch.Tens
     from distill.training.kd import split_inputs
 
     def response_logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v.to(device) for k, v in split_inputs(batch, "teacher_").items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(teacher.dtype)
+        inputs = {k: v.to(device) for k, v in split_inputs(batch, "teacher_", teacher.dtype).items()}
         mask = batch["teacher_labels"][:, 1:].to(device) != -100
         return teacher(**inputs, use_cache=False).logits[:, :-1][mask]
 

@@ -39,17 +39,31 @@ def test_llava_json_reads_public_format(root):
     (root / "d.json").write_text(json.dumps([_good(), text_only]))
     ds, stats = load_llava_json(root / "d.json", root / "images")
     assert len(ds) == 2 and stats.kept == 2
-    assert ds[0]["image"] == "a.png" and ds[1]["image"] is None
+    assert ds[0]["images"] == ["a.png"] and ds[1]["images"] == []
     assert ds[0]["conversations"][1] == {"from": "gpt", "value": "green"}
+
+
+def test_llava_json_multi_image_records(root):
+    _image(root / "images" / "b.png")
+    record = {"id": "m1", "image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image>\nFirst."}, {"from": "gpt", "value": "green"},
+        {"from": "human", "value": "Now <image> this?"}, {"from": "gpt", "value": "also green"}]}
+    (root / "d.json").write_text(json.dumps([record, _good()]))
+    ds, _ = load_llava_json(root / "d.json", root / "images")
+    assert ds[0]["images"] == ["a.png", "b.png"] and ds[1]["images"] == ["a.png"]
 
 
 BAD = {
     "missing image": (_good("b1", "nope.png"), "not found"),
     "unreadable image": (_good("b2", "broken.png"), "unreadable"),
     "no <image> with image": ({**_good("b3"), "conversations": [
-        {"from": "human", "value": "What color?"}, {"from": "gpt", "value": "green"}]}, "exactly one"),
+        {"from": "human", "value": "What color?"}, {"from": "gpt", "value": "green"}]}, "0 placeholders, 1 images"),
     "two <image>": ({**_good("b4"), "conversations": [
-        {"from": "human", "value": "<image>\n<image>\nWhat?"}, {"from": "gpt", "value": "green"}]}, "exactly one"),
+        {"from": "human", "value": "<image>\n<image>\nWhat?"}, {"from": "gpt", "value": "green"}]},
+                     "2 placeholders, 1 images"),
+    "<image> in a reply": ({**_good("b11"), "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "<image>"}]}, "inside a response"),
+    "image not a path": (_good("b12", 3), "relative path string"),
     "roles out of order": ({**_good("b5"), "conversations": [
         {"from": "gpt", "value": "hi"}, {"from": "human", "value": "<image>\nWhat?"}]}, "out of order"),
     "empty response": ({**_good("b6"), "conversations": [
@@ -58,7 +72,7 @@ BAD = {
     "link out of the folder": (_good("b9", "leak.png"), "outside the image folder"),
     "through a linked folder": (_good("b10", "leakdir/c.png"), "outside the image folder"),
     "<image> without image": ({"id": "b8", "conversations": [
-        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}, "no image"),
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}, "1 placeholders, 0 images"),
 }
 
 
@@ -79,7 +93,7 @@ def test_images_in_subfolders_and_links_within_the_folder_are_accepted(root):
     records = [_good("r1", "train/b.png"), _good("r2", "alias.png"), _good("r3", "./a.png")]
     (root / "d.json").write_text(json.dumps(records))
     ds, stats = load_llava_json(root / "d.json", root / "images")
-    assert stats.kept == 3 and ds["image"] == ["train/b.png", "alias.png", "./a.png"]
+    assert stats.kept == 3 and ds["images"] == [["train/b.png"], ["alias.png"], ["./a.png"]]
 
 
 def test_an_unlistable_subfolder_does_not_stop_the_load(root, monkeypatch):

@@ -25,5 +25,5 @@ def test_generation_never_emits_the_image_token(tiny_artifacts, tiny_world):
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
     # Without the suppression the hooked model would pick the image token at every step.
     with torch.no_grad():
-        ids = torch.tensor([gen.encoder.encode_prompt([{"from": "human", "value": "Hi"}])])
+        ids = gen.encoder.prompts([[{"from": "human", "value": "Hi"}]], [[]])["input_ids"]
         assert int(model(input_ids=ids).logits[0, -1].argmax()) == image_id

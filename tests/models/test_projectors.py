@@ -189,7 +189,7 @@ def test_generation(tower, tiny_world, projector):
     model, processor = _student(tower, tiny_world, projector)
     gen = Generator(model, processor, "chatml", batch_size=2, device="cpu", progress=False)
     ds, _ = load_llava_json(tiny_world["data"] / "instruct.json", tiny_world["images"])
-    items = [(ds[i]["image"], "How many shapes are there?") for i in range(3)] + [(None, "Hello?")]
+    items = [(r["images"][0], "How many shapes are there?") for r in ds.select(range(3))] + [(None, "Hello?")]
     answers = gen.answer(items, tiny_world["images"], max_new_tokens=4)
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
     assert 0 < gen.stats.new_tokens <= 4 * 4

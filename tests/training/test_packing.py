@@ -20,8 +20,8 @@ from distill.training.supervised import ce_loss
 @pytest.fixture(scope="module")
 def records(tiny_world):
     ds, _ = load_llava_json(tiny_world["data"] / "instruct.json", tiny_world["images"])
-    with_image = [r for r in ds if r["image"] is not None]
-    text_only = [r for r in ds if r["image"] is None]
+    with_image = [r for r in ds if r["images"]]
+    text_only = [r for r in ds if not r["images"]]
     # Different lengths (so the padded batch has padding) and a text-only record in the middle.
     return [with_image[0], text_only[0], with_image[1], with_image[2]]
 

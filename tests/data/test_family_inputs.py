@@ -1,0 +1,181 @@
+"""Every supported family reads inputs built by its own processor and chat template.
+
+For tiny random models of real architectures (data_prep/tiny_families.py, real processor classes, faithful copies
+of the hub chat templates, one shared base tokenizer): the collator's inputs equal what
+``processor.apply_chat_template(messages, tokenize=True, return_dict=True)`` builds for the same messages (ids
+and every tensor), the labels cover the replies only, images of different sizes and several images per record
+work, and the KD loss and the preference stage's reference scoring run on a teacher of that family.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import ProcessorMixin
+
+from data_prep.tiny_families import FAMILIES, FamilyUnavailable, build_family
+from distill.data.collate import IGNORE_INDEX, ConversationEncoder, SupervisedCollator, to_messages
+from distill.data.templates import get_template
+from distill.models.student import load_vlm
+from distill.models.teacher import freeze
+from distill.stages.preference import reference_logps
+from distill.training.kd import KDConfig, KDLoss
+
+CONVERSATION = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"},
+                {"from": "human", "value": "And how many shapes?"}, {"from": "gpt", "value": "three shapes"}]
+SIZES = {"a.png": (40, 30), "b.png": (64, 64), "c.png": (30, 52)}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    for i, (name, size) in enumerate(SIZES.items()):
+        Image.new("RGB", size, (40 * i, 200 - 50 * i, 90)).save(root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def families(tiny_world, tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("families")
+
+
+def _family(families: Path, tiny_world, name: str, seed: int = 0) -> Path:
+    out = families / f"{name}-{seed}"
+    if not (out / "config.json").is_file():
+        try:
+            build_family(name, out, tiny_world["tokenizer"], seed=seed)
+        except FamilyUnavailable as err:
+            pytest.skip(str(err))
+    return out
+
+
+def _encoder(processor) -> ConversationEncoder:
+    return ConversationEncoder(processor, get_template("chatml"), max_length=4096)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_inputs_equal_the_processors_own(families, tiny_world, images, name):
+    model, processor = load_vlm(_family(families, tiny_world, name))
+    enc = _encoder(processor)
+    record = {"id": "r1", "image": "a.png", "conversations": CONVERSATION}
+    ours = SupervisedCollator(enc, images)([record])
+    image = Image.open(images / "a.png").convert("RGB")
+    # (SmolVLM's own apply_chat_template needs the video processor that is not loaded without torchvision; the base
+    # class's is the same rendering, and the tokenization is still the processor's own call.)
+    apply = processor.apply_chat_template if getattr(processor, "video_processor", ...) is not None else \
+        functools.partial(ProcessorMixin.apply_chat_template, processor)
+    theirs = apply(to_messages(CONVERSATION, [image]), chat_template=enc.chat_template, tokenize=True,
+                   return_dict=True, return_tensors="pt")
+    theirs.pop("labels", None)  # PaliGemma's processor labels every token; ours labels the replies
+    assert set(theirs) <= set(ours), f"keys the collator dropped: {set(theirs) - set(ours)}"
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    trained = processor.tokenizer.decode(ours["input_ids"][0][ours["labels"][0] != IGNORE_INDEX])
+    assert "red" in trained and "three shapes" in trained and "colour" not in trained and "how many" not in trained
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in ours.items() if k != "labels"}).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_mixed_sizes_several_images_and_kd(families, tiny_world, images, name):
+    """One batch: images of three sizes, a two-image record and a text-only one; KD against a student of the same
+    family runs on it, and so does the preference stage's reference scoring."""
+    teacher, tproc = load_vlm(_family(families, tiny_world, name))
+    student, sproc = load_vlm(_family(families, tiny_world, name, seed=1))
+    freeze(teacher)
+    two = {"id": "two", "image": ["b.png", "c.png"], "conversations": [
+        {"from": "human", "value": "<image>\nCompare it with <image> please."}, {"from": "gpt", "value": "same"}]}
+    text = {"id": "text", "conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "hi"}]}
+    records = [{"id": "r1", "image": "a.png", "conversations": CONVERSATION}, two, text]
+    collator = SupervisedCollator(_encoder(sproc), images, teacher=_encoder(tproc))
+    try:
+        batch = collator(records)
+    except Exception as err:  # a processor that refuses multi-image or text-only rows must say so by name
+        pytest.xfail(f"{type(tproc).__name__}: {err}")
+    alone = collator([records[0]])
+    n = int((alone["labels"] != IGNORE_INDEX).sum())
+    assert int((batch["labels"][0] != IGNORE_INDEX).sum()) == n  # the same reply tokens in a mixed batch
+    loss, parts = KDLoss(teacher, KDConfig(chunk_size=8), alpha=0.5)(student, batch, None)
+    assert torch.isfinite(loss) and parts["kd"] > 0
+    loss.backward()
+    assert any(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    ref = reference_logps(teacher, batch, average=False, device=torch.device("cpu"))
+    assert ref.shape == (3,) and torch.isfinite(ref).all() and (ref < 0).all()
+
+
+def test_packing_is_refused_for_3d_rope_models(families, tiny_world):
+    from distill.training.supervised import check_packing
+
+    qwen, _ = load_vlm(_family(families, tiny_world, "qwen2_vl"))
+    llava, _ = load_vlm(_family(families, tiny_world, "llava"))
+    check_packing(True, llava)
+    check_packing(False, qwen)
+    with pytest.raises(ValueError, match="3-D"):
+        check_packing(True, llava, qwen)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_family_checkpoint_opens_per_component(families, tiny_world, name):
+    """Vision tower, projector and LLM are found as transformers names them, for every family: adapter init's
+    setting (projector only) opens exactly the projector, wherever the family keeps it."""
+    from distill.models.trainable import apply_trainability, component_modules
+
+    model, _ = load_vlm(_family(families, tiny_world, name))
+    parts = {c: {id(p) for m in component_modules(model, c) for p in m.parameters()}
+             for c in ("vision_tower", "projector", "llm")}
+    assert all(parts.values()) and not parts["projector"] & (parts["vision_tower"] | parts["llm"])
+    apply_trainability(model, {"vision_tower": "frozen", "projector": "full", "llm": "frozen"})
+    assert {id(p) for p in model.parameters() if p.requires_grad} == parts["projector"]
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "smolvlm"])
+def test_family_student_through_adapter_init_d2d_and_preference(families, tiny_world, tmp_path, name):
+    """A real small VLM checkpoint is the student of a larger same-family teacher: each stage trains what it
+    should and leaves the rest (and the teacher) bit-identical."""
+    from distill.stages.adapter_init import AdapterInitConfig
+    from distill.stages.imitation import ImitationConfig
+    from distill.stages.preference import PreferenceConfig
+    from distill.training.context import StageContext
+
+    teacher = _family(families, tiny_world, name)
+    student = families / f"{name}-student"
+    if not (student / "config.json").is_file():
+        build_family(name, student, tiny_world["tokenizer"], seed=1)
+    data = {"train": [str(tiny_world["data"] / "instruct.json")], "image_root": str(tiny_world["images"]), "limit": 8}
+    training = {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "use_cpu": True,
+                "report_to": "none", "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True,
+                "dataloader_num_workers": 0, "lr_scheduler_type": "constant", "seed": 0}
+    stages = [  # built when their turn comes: each reads the artifact of the one before
+        ("adapter_init", lambda: AdapterInitConfig(model={"artifact": str(student)}, data=data, training=training)),
+        ("d2d", lambda: ImitationConfig(model={"artifact": str(tmp_path / "adapter_init" / "model")},
+                                        teacher={"path": str(teacher)}, data=data, training=training)),
+        ("preference", lambda: PreferenceConfig(
+            model={"artifact": str(tmp_path / "d2d" / "model")}, teacher={"path": str(teacher)},
+            data={"train": [str(tiny_world["data"] / "preference.json")], "image_root": str(tiny_world["images"]),
+                  "limit": 8},
+            trainable={"modes": {"projector": "full", "llm": "full"}}, training=training)),
+    ]
+    teacher_before = load_vlm(teacher)[0].state_dict()
+    previous = load_vlm(student)[0]
+    for stage, make in stages:
+        cfg = make()
+        metrics = cfg.run(StageContext(name=stage, run_dir=tmp_path, training=cfg.training))
+        assert metrics["global_step"] == 2 and torch.isfinite(torch.tensor(metrics["train_loss"])), stage
+        after = load_vlm(tmp_path / stage / "model")[0]
+        changed = {n for n, p in after.state_dict().items() if not torch.equal(p, previous.state_dict()[n])}
+        assert changed, f"{stage} trained nothing"
+        if stage == "adapter_init":
+            from distill.models.trainable import component_modules
+
+            projector = {id(p) for m in component_modules(after, "projector") for p in m.parameters()}
+            names = {n for n, p in after.named_parameters() if id(p) in projector}
+            assert changed <= names, f"adapter init changed more than the projector: {sorted(changed - names)[:3]}"
+        previous = after
+    for n, p in load_vlm(teacher)[0].state_dict().items():
+        assert torch.equal(p, teacher_before[n]), n
