@@ -22,9 +22,9 @@ from datasets import Dataset, concatenate_datasets
 
 from distill.data.collate import ConversationEncoder, SupervisedCollator
 from distill.data.formats import IMAGE_PLACEHOLDER, load_preference
-from distill.data.templates import get_template
+from distill.data.templates import default_chat_template, get_template
 from distill.losses.preference import LOSS_TYPES, per_sequence, preference_loss, response_token_logps
-from distill.losses.router import load_balancing_loss
+from distill.losses.router import LAYER_REDUCTIONS, load_balancing_loss
 from distill.models.experts import check_experts_implementation, set_experts_implementation
 from distill.models.teacher import load_teacher
 from distill.models.trainable import apply_trainability, parameter_table
@@ -53,6 +53,8 @@ class PreferenceConfig:
     """Weight of an NLL (CE) term on the chosen response."""
     aux_coef: float = 0.01
     """Router load-balancing weight, for MoE students."""
+    aux_layers: str = "sum"
+    """How the load-balancing loss combines the MoE layers: ``sum`` (LLaVA-MoD) or ``mean``; as D2S's."""
     precompute_reference: bool = False
     experts_implementation: str = "sorted"
     """An MoE student's experts forward, as D2S's (a reloaded artifact would otherwise get ``grouped_mm``)."""
@@ -74,6 +76,8 @@ class PreferenceConfig:
             raise ValueError(f"loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")
         if self.beta <= 0:
             raise ValueError("beta must be positive")
+        if self.aux_layers not in LAYER_REDUCTIONS:
+            raise ValueError(f"aux_layers={self.aux_layers!r}: expected one of {LAYER_REDUCTIONS}")
         check_experts_implementation(self.experts_implementation)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
@@ -106,9 +110,7 @@ def reference_logps(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], av
                     device: torch.device, chunk_size: int = 1024) -> torch.Tensor:
     """The teacher's sequence log-probs, its inputs on ``device`` (the student's: ZeRO-3 may keep the
     teacher's own shards elsewhere, e.g. offloaded to CPU); its LM head only on the response positions."""
-    inputs = {k: v.to(device) for k, v in split_inputs(batch, "teacher_").items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(teacher.dtype)
+    inputs = {k: v.to(device) for k, v in split_inputs(batch, "teacher_", teacher.dtype).items()}
     labels = batch["teacher_labels"].to(device)
     head = unwrap(teacher).get_output_embeddings()
     with torch.no_grad(), gathered(head.weight):
@@ -164,7 +166,10 @@ class PreferenceLoss:
             loss = loss + cfg.nll_coef * nll
             parts["nll"] = nll.detach()
         if self.recorder is not None and cfg.aux_coef > 0:
-            aux = load_balancing_loss(self.recorder.take_valid(inputs.get("attention_mask")), self.top_k)
+            # A mean per micro-batch, like the pair loss it is added to (the Trainer averages both over the
+            # accumulation steps and DDP over the processes).
+            aux = load_balancing_loss(self.recorder.take_valid(inputs.get("attention_mask")), self.top_k,
+                                      layers=cfg.aux_layers)
             loss = loss + cfg.aux_coef * aux
             parts["aux"] = aux.detach()
         return loss, parts
@@ -188,7 +193,7 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict[str, Any]:
     model, processor = load_model(cfg.model)
     set_experts_implementation(model, cfg.experts_implementation)
     template = get_template(cfg.data.template)
-    processor.chat_template = template.jinja or None
+    default_chat_template(processor, cfg.data.template)
     teacher, teacher_processor = load_teacher(cfg.teacher.path, cfg.teacher.torch_dtype(),
                                               cfg.teacher.attn_implementation)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)

@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from distill.data.templates import get_template
+from distill.data.templates import default_chat_template
+from distill.losses.router import LAYER_REDUCTIONS
 from distill.models.experts import check_experts_implementation, set_experts_implementation
 from distill.models.trainable import apply_trainability, parameter_table
 from distill.models.upcycle import UpcycleConfig, moe_blocks, parameter_counts, upcycle
@@ -24,7 +25,7 @@ from distill.training.config import DataConfig, ModelInit, Trainability, as_data
 from distill.training.context import StageContext
 from distill.training.kd import KDConfig, TeacherConfig, open_teacher
 from distill.training.moe import RouterRecorder, SparseKDLoss, write_load_heatmap
-from distill.training.supervised import load_conversations, load_model, train
+from distill.training.supervised import check_packing, load_conversations, load_model, train
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ class SparseImitationConfig:
     """KD weight; 1 - alpha goes to CE (LLaVA-MoD's D2S uses both)."""
     aux_coef: float = 0.01
     z_coef: float = 0.0
+    aux_layers: str = "sum"
+    """How the router losses combine the MoE layers: ``sum`` as LLaVA-MoD (its DeepSpeed-MoE layers each return
+    their load-balancing loss and the model adds them up, times 0.01), or ``mean`` (a student with more MoE layers
+    then gets no more router gradient). With ``sum`` and 12 MoE layers the router gradient is 12x ``mean``'s; for a
+    student with one MoE layer (the presets' 2-layer students, ``every_other``) the two are the same."""
     experts_implementation: str = "sorted"
     """The experts' forward: ``sorted`` (a loop over experts with one host synchronisation per layer,
     distill/models/experts.py), transformers' ``eager`` (the same loop, about nine synchronisations per layer) or
@@ -65,6 +71,8 @@ class SparseImitationConfig:
         check_experts_implementation(self.experts_implementation)
         if self.aux_coef < 0 or self.z_coef < 0:
             raise ValueError("aux_coef and z_coef must be >= 0")
+        if self.aux_layers not in LAYER_REDUCTIONS:
+            raise ValueError(f"aux_layers={self.aux_layers!r}: expected one of {LAYER_REDUCTIONS}")
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         return run(self, ctx)
@@ -72,18 +80,20 @@ class SparseImitationConfig:
 
 def run(cfg: SparseImitationConfig, ctx: StageContext) -> dict[str, Any]:
     dense, processor = load_model(cfg.model)
-    processor.chat_template = get_template(cfg.data.template).jinja or None
+    default_chat_template(processor, cfg.data.template)
     model = upcycle(dense, cfg.upcycle)
     del dense
     set_experts_implementation(model, cfg.experts_implementation)
     total, active = parameter_counts(model, cfg.upcycle.top_k)
     teacher, teacher_processor = open_teacher(cfg.teacher, cfg.kd, cfg.data.template, cfg.data.max_length)
+    check_packing(cfg.data.packing, model, teacher)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(cfg.data)
     collator = build_collator(cfg.data, cfg.kd, processor, teacher_processor)
     recorder = RouterRecorder(model)
-    loss_fn = SparseKDLoss(teacher, cfg.kd, cfg.alpha, recorder, cfg.upcycle.top_k, cfg.aux_coef, cfg.z_coef)
+    loss_fn = SparseKDLoss(teacher, cfg.kd, cfg.alpha, recorder, cfg.upcycle.top_k, cfg.aux_coef, cfg.z_coef,
+                           cfg.aux_layers)
     metrics = train(ctx, model, processor, dataset, collator, loss_fn, track_expert_load=False)
     recorder.remove()
     layers = [i for i, _ in moe_blocks(model)]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.losses.router import expert_load, load_balancing_loss, router_entropy, router_z_loss
+from distill.losses.router import expert_load, load_balancing_loss, micro_batch_share, router_entropy, router_z_loss
 from distill.models.modality import router_token_masks
 from distill.models.upcycle import moe_blocks
 from distill.training.kd import KDConfig, KDLoss
@@ -59,9 +59,10 @@ class SparseKDLoss(KDLoss):
     """KD (+ CE) as in D2D, plus the load-balancing loss (and optional z-loss), each counted once per step."""
 
     def __init__(self, teacher: torch.nn.Module, cfg: KDConfig, alpha: float, recorder: RouterRecorder,
-                 top_k: int, aux_coef: float, z_coef: float) -> None:
+                 top_k: int, aux_coef: float, z_coef: float, aux_layers: str = "mean") -> None:
         super().__init__(teacher, cfg, alpha)
         self.recorder, self.top_k, self.aux_coef, self.z_coef = recorder, top_k, aux_coef, z_coef
+        self.aux_layers = aux_layers
         n_layers, n_experts = len(recorder.blocks), recorder.blocks[0][1].experts.num_experts
         self.load_sum = torch.zeros(n_layers, n_experts)
         self.batches = 0
@@ -70,13 +71,16 @@ class SparseKDLoss(KDLoss):
         self.recorder.take()
         loss, parts = super().__call__(model, inputs, num_items_in_batch)
         router_logits = self.recorder.take_valid(inputs.get("attention_mask"))  # padding rows already cut
-        aux = load_balancing_loss(router_logits, self.top_k)
-        loss = loss + self.aux_coef * aux
-        parts["aux"] = aux.detach()
+        # KD and CE are sums over the step's tokens divided by their count; the router terms are means per
+        # micro-batch, so each is weighted by this micro-batch's share of those tokens to count once per step.
+        share = micro_batch_share(inputs["labels"], num_items_in_batch)
+        aux = load_balancing_loss(router_logits, self.top_k, layers=self.aux_layers)
+        loss = loss + self.aux_coef * share * aux
+        parts["aux"] = aux.detach() * share
         if self.z_coef > 0:
-            z = router_z_loss(router_logits)
-            loss = loss + self.z_coef * z
-            parts["z"] = z.detach()
+            z = router_z_loss(router_logits, layers=self.aux_layers)
+            loss = loss + self.z_coef * share * z
+            parts["z"] = z.detach() * share
         if model.training:
             load = expert_load(router_logits, self.top_k).cpu()
             self.load_sum += load
