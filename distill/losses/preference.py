@@ -6,9 +6,10 @@
     losses, chosen_rewards, rejected_rewards = preference_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss_type="kto_pair", beta=0.1)
 
-Loss types: ``sigmoid`` (DPO), ``hinge`` (SLiC), ``ipo`` (on per-token averages, as TRL normalises it) and
-``kto_pair`` (LLaVA-MoD's default: KTO with paired data, the KL baselines estimated from the batch's own
-log-ratios and clamped at 0, as TRL <= 0.11 computed it: value and gradient, the baselines not detached).
+Loss types: ``sigmoid`` (DPO), ``hinge`` (SLiC), ``ipo`` (on per-token averages, as TRL 1.x normalises it;
+LLaVA-MoD's TRL summed them) and ``kto_pair`` (LLaVA-MoD's default: KTO with paired data, the KL baselines
+estimated from the batch's own log-ratios and clamped at 0, as TRL 0.7.9-0.9.4 computed it (removed in 0.9.6):
+value and gradient, the baselines not detached).
 Rewards are beta * (policy - ref). ``tests/losses/test_preference_trl_parity.py`` checks each type against TRL.
 """
 

@@ -10,7 +10,8 @@ model's ``get_decoder()`` plus the output embeddings, the vision tower its ``get
 the projector what the base model holds besides the two (Llava's ``multi_modal_projector``, Idefics3's
 ``connector``) or, where that is nothing, the encoder's trailing children that map into the LLM's width
 (Qwen2-VL's ``merger``); see ``vision_parts``. MoE students add ``experts`` (every MoE layer's experts, shared expert
-included) and ``router`` (every MoE layer's router) views inside the LLM; students with modality experts
+included), ``router`` (every MoE layer's router) and ``dense_ffn`` (the FFNs of the layers left dense) views inside
+the LLM; students with modality experts
 (distill/models/modality.py) add ``visual_experts`` (every layer's visual FFN). ``frozen`` means "not opened": with
 ``{llm: frozen, experts: full}`` only the experts of the LLM train.
 """
@@ -40,8 +41,10 @@ class LoraSpec:
 
 
 MOE_COMPONENTS = ("experts", "router")
+DENSE_FFN = "dense_ffn"
+"""The FFNs of an MoE student's dense (non-MoE) layers; LLaVA-MoD's D2S trains them with the experts."""
 VISUAL_EXPERTS = "visual_experts"
-VIEWS = (*MOE_COMPONENTS, VISUAL_EXPERTS)
+VIEWS = (*MOE_COMPONENTS, DENSE_FFN, VISUAL_EXPERTS)
 """Components inside the LLM, opened on top of (or instead of) the whole ``llm``."""
 
 
@@ -101,7 +104,19 @@ def _moe_parts(model: nn.Module, component: str) -> list[nn.Module]:
     return mods
 
 
+def _dense_ffns(model: nn.Module) -> list[nn.Module]:
+    """The FFN parts of every layer that is not MoE (a modality-routed FFN's visual expert left out: it is
+    ``visual_experts``)."""
+    mods = []
+    for layer in text_model(model).layers:
+        if not hasattr(layer.mlp, "experts"):
+            mods.extend(child for name, child in layer.mlp.named_children() if name != "visual_expert")
+    return mods
+
+
 def component_modules(model: nn.Module, component: str) -> list[nn.Module]:
+    if component == DENSE_FFN:
+        return _dense_ffns(model)
     if component == VISUAL_EXPERTS:
         mods = [m for _, m in visual_experts(model)]
         if not mods:
@@ -180,6 +195,8 @@ def parameter_table(model: nn.Module) -> str:
     rows = []
     # MoE parts and visual experts first, so the llm row counts what is left of the LLM.
     moe = [c for c in MOE_COMPONENTS if _moe_parts(model, c)] if hasattr(model, "model") else []
+    if moe:
+        moe.append(DENSE_FFN)
     visual = [VISUAL_EXPERTS] if hasattr(model, "model") and visual_experts(model) else []
     for comp in [*moe, *visual, *COMPONENTS]:
         total = trainable = 0

@@ -8,7 +8,8 @@ equal, fp32, 1e-5, for every supported family). Families (by the text config's `
 
 | dense | MoE | layer choice |
 |---|---|---|
-| qwen2 | qwen2_moe | any (``mlp_only_layers``); the shared expert is a copy of the FFN whose output is zeroed |
+| qwen2 | qwen2_moe | any (``mlp_only_layers``); routed experts only (LLaVA-MoD's architecture, the default: the
+  shared expert has width 0 and adds nothing), or ``shared_expert=true``: a copy of the FFN whose output is zeroed |
 | qwen3 | qwen3_moe | any (``mlp_only_layers``) |
 | llama, mistral | mixtral | all layers only (Mixtral has no dense layers) |
 
@@ -46,6 +47,11 @@ class UpcycleConfig:
     router_init: str = "normal"
     router_std: float = 0.02
     seed: int = 0
+    shared_expert: bool = False
+    """Qwen2 -> Qwen2-MoE only: also an always-active shared expert (a copy of the FFN, output zeroed at conversion,
+    trainable): one more FFN per MoE layer (about 157M parameters for a Qwen2-0.5B student). LLaVA-MoD has routed
+    experts only, so the default gives Qwen2-MoE a shared expert of width 0 (no parameters but its 1-wide gate, no
+    effect): still the native class, reloading with the Auto classes."""
 
     def __post_init__(self) -> None:
         if self.num_experts < 2:
@@ -65,6 +71,7 @@ class MoEFamily:
     config_cls: type[PretrainedConfig]
     moe_fields: Callable[[PretrainedConfig, UpcycleConfig, list[int]], dict[str, Any]]
     shared_expert: bool = False
+    """The MoE class always has a shared expert (Qwen2-MoE): written as a zeroed copy, or with width 0."""
 
 
 def _qwen_moe_fields(dense: PretrainedConfig, cfg: UpcycleConfig, moe_layers: list[int]) -> dict[str, Any]:
@@ -81,8 +88,8 @@ def _qwen_moe_fields(dense: PretrainedConfig, cfg: UpcycleConfig, moe_layers: li
 
 
 def _qwen2_moe_fields(dense: PretrainedConfig, cfg: UpcycleConfig, moe_layers: list[int]) -> dict[str, Any]:
-    return {**_qwen_moe_fields(dense, cfg, moe_layers), "shared_expert_intermediate_size": dense.intermediate_size,
-            "qkv_bias": True}
+    width = dense.intermediate_size if cfg.shared_expert else 0
+    return {**_qwen_moe_fields(dense, cfg, moe_layers), "shared_expert_intermediate_size": width, "qkv_bias": True}
 
 
 def _mixtral_fields(dense: PretrainedConfig, cfg: UpcycleConfig, moe_layers: list[int]) -> dict[str, Any]:
@@ -108,6 +115,8 @@ def moe_text_config(dense: PretrainedConfig, cfg: UpcycleConfig) -> tuple[Pretra
     family = FAMILIES.get(dense.model_type)
     if family is None:
         raise ValueError(f"no MoE sibling known for LLM type {dense.model_type!r}; supported: {sorted(FAMILIES)}")
+    if cfg.shared_expert and not family.shared_expert:
+        raise ValueError(f"upcycle.shared_expert: {family.config_cls.__name__} has no shared expert")
     moe_layers = cfg.moe_layers(dense.num_hidden_layers)
     fields = {k: v for k, v in dense.to_dict().items() if k not in _DROP}
     fields.update(family.moe_fields(dense, cfg, moe_layers))
@@ -134,10 +143,11 @@ def _convert_state(dense_state: dict[str, torch.Tensor], prefix: str, moe_layers
         gen_cfg = UpcycleConfig(**{**cfg.__dict__, "seed": cfg.seed + i})
         out[f"{mlp}gate.weight"] = _router_weight(gen_cfg, (e, gate.shape[1]), gate)
         if shared_expert:
-            out[f"{mlp}shared_expert.gate_proj.weight"] = gate.clone()
-            out[f"{mlp}shared_expert.up_proj.weight"] = up.clone()
-            # Zeroed output: exact at conversion, and still trainable (its inputs are not zero).
-            out[f"{mlp}shared_expert.down_proj.weight"] = torch.zeros_like(down)
+            # A copy with zeroed output (exact at conversion, trainable: its inputs are not zero), or width 0.
+            width = gate.shape[0] if cfg.shared_expert else 0
+            out[f"{mlp}shared_expert.gate_proj.weight"] = gate[:width].clone()
+            out[f"{mlp}shared_expert.up_proj.weight"] = up[:width].clone()
+            out[f"{mlp}shared_expert.down_proj.weight"] = torch.zeros_like(down[:, :width])
             out[f"{mlp}shared_expert_gate.weight"] = torch.zeros((1, gate.shape[1]), dtype=gate.dtype)
     return out
 

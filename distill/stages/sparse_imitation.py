@@ -1,7 +1,8 @@
 """Stage 3, dense-to-sparse imitation: upcycle the D2D student into an MoE, then KD + CE + router loss.
 
 The dense FFNs of the chosen layers become ``num_experts`` copies behind a top-k router (exact at conversion,
-see distill/models/upcycle.py); experts + routers (+ projector) train, attention and embeddings stay frozen.
+see distill/models/upcycle.py); experts + routers + the FFNs of the layers left dense (+ projector) train,
+attention and embeddings stay frozen.
 Logged every logging step: kd, ce, aux, per-layer expert load and router entropy; at the end
 ``expert_load.png`` / ``.json`` (layer x expert) beside the artifact.
 
@@ -29,8 +30,11 @@ from distill.training.supervised import check_packing, load_conversations, load_
 
 log = logging.getLogger(__name__)
 
-# What learns in D2S (and, by default, in preference distillation after it), as in LLaVA-MoD.
-SPARSE_TRAINABLE = {"vision_tower": "frozen", "projector": "full", "experts": "full", "router": "full"}
+# What learns in D2S (and, by default, in preference distillation after it), as in LLaVA-MoD: its code picks the
+# trainable modules (FFNs, projector) before swapping in the MoE layers, so the FFNs of the layers left dense train
+# too. ``dense_ffn: frozen`` trains the experts and routers alone.
+SPARSE_TRAINABLE = {"vision_tower": "frozen", "projector": "full", "experts": "full", "router": "full",
+                    "dense_ffn": "full"}
 
 
 @dataclass

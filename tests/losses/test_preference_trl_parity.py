@@ -2,9 +2,9 @@
 
 TRL 1.x computes DPO-family losses inline in ``DPOTrainer._compute_loss`` (no standalone function), so the test
 drives that method itself with a stand-in ``self`` and a stand-in model that returns fixed per-token log-probs, and
-with ``precompute_ref_logps`` on, so the reference log-probs come straight from the batch. ``kto_pair`` was removed
-from TRL after 0.11; its reference is that release's ``DPOTrainer.dpo_loss`` branch (the one LLaVA-MoD trained
-with), restated below.
+with ``precompute_ref_logps`` on, so the reference log-probs come straight from the batch. ``kto_pair`` existed in TRL
+from 0.7.9 to 0.9.4 (removed in 0.9.6); its reference is the ``DPOTrainer.dpo_loss`` branch of those releases (the
+one LLaVA-MoD trained with), restated below.
 """
 
 from __future__ import annotations
@@ -77,14 +77,14 @@ def test_dpo_family_equals_trl(loss_type: str, beta: float):
         torch.testing.assert_close(_ours(batch, loss_type, beta), _trl_loss(batch, loss_type, beta))
 
 
-def _trl_0_11_kto_pair(pc, pr, rc, rr, beta):
-    """TRL 0.11 ``DPOTrainer.dpo_loss``, ``loss_type == "kto_pair"`` (HALOs eq. 7), restated."""
+def _trl_0_9_kto_pair(pc, pr, rc, rr, beta):
+    """TRL 0.7.9-0.9.4 ``DPOTrainer.dpo_loss``, ``loss_type == "kto_pair"`` (HALOs eq. 7), restated."""
     chosen_kl = (pc - rc).mean().clamp(min=0)
     rejected_kl = (pr - rr).mean().clamp(min=0)
     return torch.cat((1 - F.sigmoid(beta * ((pc - rc) - rejected_kl)), 1 - F.sigmoid(beta * (chosen_kl - (pr - rr)))))
 
 
-def test_kto_pair_equals_trl_0_11_in_value_and_gradient():
+def test_kto_pair_equals_trl_0_9_in_value_and_gradient():
     for seed in range(3):
         batch = _batch(seed)
         seq = (batch["token_logps"] * batch["completion_mask"][:, 1:]).sum(-1)
@@ -94,7 +94,7 @@ def test_kto_pair_equals_trl_0_11_in_value_and_gradient():
             ref_pol = (seq + shift).clone().requires_grad_(True)
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
             ours, _, _ = preference_loss(ours_pol[:B], ours_pol[B:], rc, rr, "kto_pair", 0.1)
-            ref = _trl_0_11_kto_pair(ref_pol[:B], ref_pol[B:], rc, rr, 0.1)
+            ref = _trl_0_9_kto_pair(ref_pol[:B], ref_pol[B:], rc, rr, 0.1)
             torch.testing.assert_close(ours, ref)
             ours.mean().backward()
             ref.mean().backward()

@@ -41,3 +41,20 @@ def test_load_and_entropy_and_empty_mask():
     assert float(router_entropy([torch.zeros(3, 4)])[0]) == pytest.approx(math.log(4))
     empty = torch.zeros(8, dtype=torch.long)
     assert float(load_balancing_loss(logits, 1, empty)) == 0.0
+
+
+def test_layer_sum_is_llava_mods_formula():
+    """``layers="sum"``: per layer E * sum_e me_e * ce_e (me: mean gate probability, ce: share of tokens whose first
+    choice is e, DeepSpeed-MoE's top-1 gating as LLaVA-MoD uses), summed over the MoE layers."""
+    layers = [torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [3.0, 0.0, 1.0, 0.0]]),
+              torch.tensor([[0.0, 0.0, 0.0, 5.0], [0.0, 0.0, 0.0, 4.0], [1.0, 2.0, 0.0, 0.0]])]
+    expected = 0.0
+    for logits in layers:
+        me = logits.softmax(-1).mean(0)
+        ce = torch.nn.functional.one_hot(logits.argmax(-1), 4).float().mean(0)
+        expected += 4 * float((me * ce).sum())
+    assert float(load_balancing_loss(layers, 1, layers="sum")) == pytest.approx(expected, rel=1e-6)
+    assert float(load_balancing_loss(layers, 1, layers="mean")) == pytest.approx(expected / 2, rel=1e-6)
+    assert float(router_z_loss(layers, layers="sum")) == pytest.approx(2 * float(router_z_loss(layers)), rel=1e-6)
+    with pytest.raises(ValueError, match="layers"):
+        load_balancing_loss(layers, 1, layers="max")

@@ -41,6 +41,7 @@ def _inputs():
 
 FAMILIES = {
     "qwen2": (Qwen2Config(**TEXT), "every_other", "qwen2_moe"),
+    "qwen2+shared": (Qwen2Config(**TEXT), "every_other", "qwen2_moe"),
     "qwen3": (Qwen3Config(**TEXT, head_dim=8), [1, 3], "qwen3_moe"),
     "llama": (LlamaConfig(**TEXT), "all", "mixtral"),
 }
@@ -51,7 +52,8 @@ FAMILIES = {
 def test_upcycled_logits_equal_dense(family, top_k, tmp_path):
     text, layers, moe_type = FAMILIES[family]
     dense = _llava(text)
-    moe = upcycle(dense, UpcycleConfig(num_experts=4, top_k=top_k, layers=layers)).eval()
+    shared = family.endswith("+shared")
+    moe = upcycle(dense, UpcycleConfig(num_experts=4, top_k=top_k, layers=layers, shared_expert=shared)).eval()
     assert moe.config.text_config.model_type == moe_type
     with torch.no_grad():
         torch.testing.assert_close(moe(**_inputs()).logits, dense(**_inputs()).logits, rtol=1e-5, atol=1e-5)
@@ -63,22 +65,27 @@ def test_upcycled_logits_equal_dense(family, top_k, tmp_path):
         torch.testing.assert_close(reloaded(**_inputs()).logits, dense(**_inputs()).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_parameter_counts_qwen2_0_5b_shape():
-    """A Qwen2-0.5B-shaped LLM with 4 experts on every other layer (config only, meta device)."""
+@pytest.mark.parametrize("shared", [False, True])
+def test_parameter_counts_qwen2_0_5b_shape(shared):
+    """A Qwen2-0.5B-shaped LLM with 4 experts on every other layer (config only, meta device); routed experts only
+    (LLaVA-MoD) or with Qwen2-MoE's shared expert."""
     text = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                        num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                               num_attention_heads=16, image_size=336, patch_size=14)
     with torch.device("meta"):
         dense = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text))
-        moe = upcycle(dense, UpcycleConfig(num_experts=4, top_k=2))
+        moe = upcycle(dense, UpcycleConfig(num_experts=4, top_k=2, shared_expert=shared))
     total, active = parameter_counts(moe, 2)
     ffn = 3 * 896 * 4864
-    assert total - sum(p.numel() for p in dense.parameters()) == 12 * (3 * ffn + 896 * 4 + ffn + 896)
+    # Per MoE layer: 3 more copies of the FFN, the router, the shared expert's 1-wide gate (+ the shared expert).
+    assert total - sum(p.numel() for p in dense.parameters()) == 12 * (3 * ffn + 896 * 4 + 896 + shared * ffn)
     assert total - active == 12 * 2 * ffn
 
 
 def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="no shared expert"):
+        upcycle(_llava(LlamaConfig(**TEXT)), UpcycleConfig(layers="all", shared_expert=True))
     with pytest.raises(ValueError, match="top_k"):
         UpcycleConfig(num_experts=4, top_k=5)
     with pytest.raises(ValueError, match="use upcycle.layers=all"):

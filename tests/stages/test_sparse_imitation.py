@@ -46,3 +46,27 @@ def test_d2s_trains_experts_and_routers_only(tiny_world, tmp_path, cpu_training)
     load = json.loads((tmp_path / "d2s" / "expert_load.json").read_text())["load"]
     assert all(abs(sum(row) - 1) < 1e-5 for row in load)
     assert (tmp_path / "d2s" / "expert_load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_d2s_trains_the_ffns_of_dense_layers_as_llava_mod(tiny_artifacts, tiny_world, tmp_path, cpu_training):
+    """MoE on layer 0 only (every_other of 2): layer 1's FFN trains with the experts (``dense_ffn``, LLaVA-MoD's
+    choice) unless frozen; attention never does."""
+    after = {}
+    for name, extra in (("default", {}), ("frozen", {"trainable": {"modes": {
+            "vision_tower": "frozen", "projector": "full", "experts": "full", "router": "full",
+            "dense_ffn": "frozen"}}})):
+        cfg = SparseImitationConfig(
+            model={"artifact": str(tiny_artifacts / "student")}, teacher={"path": str(tiny_artifacts / "teacher")},
+            data={"train": [str(tiny_world["data"] / "instruct.json")], "image_root": str(tiny_world["images"]),
+                  "limit": 16},
+            upcycle={"num_experts": 4, "top_k": 2, "layers": "every_other"},
+            training={**cpu_training, "max_steps": 2}, **extra)
+        cfg.run(StageContext(name=name, run_dir=tmp_path, training=cfg.training))
+        after[name] = load_vlm(tmp_path / name / "model")[0].state_dict()
+    dense = load_vlm(tiny_artifacts / "student")[0].state_dict()
+    ffn = "model.language_model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(after["default"][ffn], dense[ffn])
+    assert torch.equal(after["frozen"][ffn], dense[ffn])
+    for state in after.values():
+        for key in (k for k in dense if ".self_attn." in k):
+            assert torch.equal(state[key], dense[key]), key
