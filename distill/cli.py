@@ -3,11 +3,15 @@
 Recipes live in ``recipes/recipe/``; every key can be overridden, e.g.
 
     python -m distill recipe=demo run.name=try2 stages.d2d.training.learning_rate=1e-4
+    python -m distill recipe=demo run.plan=true      # which stages would run, resume, be skipped, and why
+    python -m distill recipe=demo 'run.redo=[d2d]' stages.d2d.alpha=0.5   # rerun d2d and what reads it
+    python -m distill -m recipe=demo stages.d2d.alpha=0.5,1.0   # a sweep: one folder per point, shared stages
     python -m distill recipe=demo --cfg job          # print the composed config and exit
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -31,10 +35,29 @@ def _main(cfg: DictConfig) -> None:
     # Every rank runs the pipeline; only rank 0 narrates it (the Trainer already logs and reports from rank 0 only).
     logging.getLogger("distill").setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
     try:
-        run_pipeline(cfg)
+        run_pipeline(cfg, shared_roots=_sweep_point(cfg))
     except Preempted as stop:
         logging.getLogger("distill").warning("%s", stop)
         sys.exit(143)  # 128 + SIGTERM, what a scheduler expects from a job it asked to stop
+
+
+def _sweep_point(cfg: DictConfig) -> list[Path] | None:
+    """In a hydra multirun, move this job's run folder to ``<run.dir>/sweep/<job number>-<overrides hash>`` (its
+    overrides written beside) and return the folders whose finished stages it may share; None otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    base = Path(cfg.run.dir)
+    overrides = sorted(hydra_cfg.overrides.task)
+    point = base / "sweep" / f"{hydra_cfg.job.num}-{hashlib.sha1(chr(10).join(overrides).encode()).hexdigest()[:8]}"
+    cfg.run.dir = str(point)
+    if int(os.environ.get("RANK", "0")) == 0:
+        point.mkdir(parents=True, exist_ok=True)
+        (point / "overrides.txt").write_text("\n".join(overrides) + "\n")
+    return [base, *sorted(p for p in (base / "sweep").iterdir() if p.is_dir() and p != point)]
 
 
 def main() -> None:

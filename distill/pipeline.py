@@ -3,19 +3,29 @@
 Under a multi-process launch only rank 0 writes the pipeline's files; stages whose config class sets
 ``main_process_only`` (world, eval) run on rank 0 while the other ranks wait for their DONE marker.
 
-A rerun of the same recipe skips every stage whose DONE marker exists and resumes an interrupted stage from
-its last Trainer checkpoint. Stage configs are built from the recipe with hydra's ``instantiate`` (each
-stage's ``_target_`` is its config dataclass) and validated before the stage starts.
+Before any stage runs, the run is planned (distill/plan.py): a rerun of the same recipe skips every finished stage
+and resumes an interrupted one from its last Trainer checkpoint, but a stage whose recorded settings or inputs
+differ from the recipe's stops the run with a message naming them (``run.redo=[stage]`` reruns it and the stages
+that read its output; ``run.plan=true`` only prints the plan). Stage configs are built from the recipe with hydra's
+``instantiate`` (each stage's ``_target_`` is its config dataclass) and validated before the stage starts.
+
+In a hydra multirun (``-m``), each sweep point runs in ``<run.dir>/sweep/<job number>-<overrides hash>/``, and a
+stage whose settings and inputs equal a finished one of another point (or of ``<run.dir>`` itself) links to it
+instead of running again: a sweep over ``stages.d2d.alpha`` builds the world, the teacher and adapter init once.
 
     run_pipeline(cfg)      # cfg: the composed hydra config (see recipes/config.yaml)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +33,16 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
+from distill.plan import (
+    SETTINGS,
+    clear_outputs,
+    find_shared,
+    format_plan,
+    inputs_of,
+    make_plan,
+    record,
+    settings_of,
+)
 from distill.training.context import StageContext
 
 log = logging.getLogger(__name__)
@@ -42,10 +62,36 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def wait_for(marker: Path, poll_s: float = 2.0) -> None:
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+            "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+
+
+@contextlib.contextmanager
+def single_process_env() -> Iterator[None]:
+    """Hide the launcher's variables while the main process runs a stage alone: a Trainer inside it (the world
+    stage trains its stand-ins) would otherwise join the process group that the waiting ranks never enter, and the
+    launch would hang."""
+    from accelerate.state import AcceleratorState
+
+    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+        # accelerate keeps its process state in a singleton: the next stage's Trainer must see the launch again.
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def wait_for(marker: Path, poll_s: float = 2.0, report_s: float = 300.0) -> None:
     """Block until ``marker`` exists (another rank is finishing a stage that only the main process runs)."""
+    waited = 0.0
     while not marker.is_file():
         time.sleep(poll_s)
+        waited += poll_s
+        if waited % report_s < poll_s:
+            log.warning("still waiting for %s (%.0f min): the main process is running that stage alone; if it "
+                        "died, stop this job", marker, waited / 60)
 
 
 def validate(cfg: DictConfig) -> list[str]:
@@ -76,27 +122,51 @@ def stage_config(cfg: DictConfig, name: str) -> DictConfig:
     return block
 
 
-def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+def run_pipeline(cfg: DictConfig, shared_roots: list[Path] | None = None) -> dict[str, Any]:
+    """Run the recipe's stages. ``shared_roots``: other run folders whose finished stages may be linked in when
+    their settings and inputs are the same (a sweep's points)."""
     order = validate(cfg)
     run_dir = Path(cfg.run.dir)
+    blocks = {name: stage_config(cfg, name) for name in order}
+    plans = make_plan(cfg, order, blocks)
+    if cfg.run.get("plan", False):
+        print(format_plan(plans))  # noqa: T201 (the plan is the command's output)
+        return {}
     run_dir.mkdir(parents=True, exist_ok=True)
     main = is_main_process()
     if main:
         write_atomic(run_dir / "recipe.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     results: dict[str, Any] = {}
-    for name in order:
+    for plan in plans:
+        name, block = plan.name, blocks[plan.name]
         stage_dir = run_dir / name
-        if (stage_dir / DONE).is_file():
-            log.info("stage %s: done already, skipped (%s)", name, stage_dir)
+        if plan.action == "skip":
+            log.info("stage %s: done already, same settings: skipped (%s)", name, stage_dir)
             results[name] = json.loads((stage_dir / "metrics.json").read_text())
             continue
-        block = stage_config(cfg, name)
+        settings = settings_of(block, run_dir)
+        upstream, files = inputs_of(settings, run_dir, [s for s in order if s != name])
+        started = record(stage_dir, settings, upstream, files, run_dir)
+        if plan.action == "run" and shared_roots:
+            shared = find_shared(name, started, shared_roots)
+            if shared is not None:
+                if main:
+                    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+                    stage_dir.symlink_to(shared.resolve(), target_is_directory=True)
+                else:
+                    wait_for(stage_dir / DONE)
+                log.info("stage %s: same settings and inputs as %s: linked, not rerun", name, shared)
+                results[name] = json.loads((stage_dir / "metrics.json").read_text())
+                continue
+        if plan.action == "redo" and main:
+            log.info("stage %s: redone (%s); its old output is removed", name, plan.reason)
+            clear_outputs(stage_dir)
         if not main and getattr(get_class(block["_target_"]), "main_process_only", False):
             log.info("stage %s: runs on the main process; waiting for it", name)
             wait_for(stage_dir / DONE)
             results[name] = json.loads((stage_dir / "metrics.json").read_text())
             continue
-        log.info("stage %s: starting", name)
+        log.info("stage %s: starting (%s)", name, plan.reason)
         set_seed(cfg.seed)
         stage = instantiate(block, _convert_="all")
         ctx = StageContext(name=name, run_dir=run_dir, training=getattr(stage, "training", {}),
@@ -104,12 +174,20 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         stage_dir.mkdir(parents=True, exist_ok=True)
         if main:
             write_atomic(stage_dir / "config.yaml", OmegaConf.to_yaml(block, resolve=True))
+            write_atomic(stage_dir / SETTINGS, json.dumps(started, indent=1, default=str))
         start = time.time()
-        metrics = stage.run(ctx) or {}
+        alone = getattr(type(stage), "main_process_only", False)
+        with single_process_env() if alone else contextlib.nullcontext():
+            metrics = stage.run(ctx) or {}
         metrics["wall_s"] = round(time.time() - start, 2)
         if main:  # training stages return on every rank only after the artifact is complete (save_final)
             write_atomic(stage_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
-            write_atomic(stage_dir / DONE, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+            # A unique stamp: a later stage records the one it read, so a redone upstream makes it stale.
+            write_atomic(stage_dir / DONE, f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {uuid.uuid4().hex[:12]}\n")
+            if not cfg.run.get("keep_checkpoints", False) and (stage_dir / "checkpoints").is_dir():
+                # The artifact is complete and marked done: its resume points are dead weight (tens of GB a stage
+                # at 7B scale).
+                shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
         log.info("stage %s: done in %.1fs", name, metrics["wall_s"])
         results[name] = metrics
     return results
