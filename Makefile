@@ -10,11 +10,11 @@ TORCH ?= torch==2.13.0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	DS_BUILD_OPS=0 $(BIN)/pip install -q "$(TORCH)" -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q "$(TORCH)" -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 test: install

@@ -124,8 +124,18 @@ class ConversationEncoder:
 
     def render_with_spans(self, messages: list[dict[str, Any]], rid: Any = None) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character span of each reply (end-of-turn marker included,
-        the whitespace a template puts after it excluded)."""
+        the whitespace a template puts after it excluded).
+
+        By definition a reply spans from the end of the conversation rendered up to it with the generation prompt
+        to the end of the conversation rendered up to and including it (``exact_spans``: two renders per reply).
+        The fast path renders once and finds each reply after the template's assistant header, as a probe
+        conversation showed the template to render it; any reply not found exactly so takes the exact path.
+        """
         text = self.render(messages)
+        fast = self._fast_spans(text, messages)
+        return text, fast if fast is not None else self.exact_spans(text, messages, rid)
+
+    def exact_spans(self, text: str, messages: list[dict[str, Any]], rid: Any = None) -> list[tuple[int, int]]:
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -136,7 +146,47 @@ class ConversationEncoder:
                 raise DataError(f"record {rid}: the chat template does not render the conversation as a sequence of "
                                 "turns (a prefix renders differently), so replies cannot be located in it")
             spans.append((len(prompt), len(upto.rstrip())))
-        return text, spans
+        return spans
+
+    @functools.cached_property
+    def _reply_layout(self) -> tuple[str, str, str] | None:
+        """``(header, separator, end)`` of an assistant turn as the template renders a probe conversation: the
+        generation prompt's addition, whitespace before the reply, the end-of-turn marker; None if the template
+        does not render the probe as plain turns."""
+        user = {"role": "user", "content": [{"type": "text", "text": "\x01"}]}
+        reply = {"role": "assistant", "content": [{"type": "text", "text": "\x02"}]}
+        try:
+            plain, prompt = self.render([user]), self.render([user], add_generation_prompt=True)
+            full = self.render([user, reply])
+        except Exception:  # a template that refuses the probe: every record takes the exact path
+            return None
+        at = full.find("\x02", len(prompt))
+        if not (prompt.startswith(plain) and full.startswith(prompt)) or at < 0 or full[len(prompt):at].strip():
+            return None
+        return prompt[len(plain):], full[len(prompt):at], full[at + 1:].rstrip()
+
+    def _fast_spans(self, text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int]] | None:
+        layout = self._reply_layout
+        if layout is None or not layout[0]:
+            return None
+        header, sep, end = layout
+        spans, pos = [], 0
+        for message in messages:
+            if message["role"] != "assistant":
+                continue
+            parts = message["content"]
+            if len(parts) != 1 or parts[0].get("type") != "text":
+                return None
+            at = text.find(header, pos)
+            if at < 0:
+                return None
+            start = at + len(header)
+            stop = start + len(sep) + len(parts[0]["text"])
+            if text[start:stop] != sep + parts[0]["text"] or not text.startswith(end, stop):
+                return None
+            spans.append((start, len(text[: stop + len(end)].rstrip())))  # as the exact path strips the turn
+            pos = stop + len(end)
+        return spans
 
     # -- encoding --------------------------------------------------------------------------------------------
     def _call_processor(self, texts: list[str], images: Sequence[Sequence[Image.Image]],

@@ -179,3 +179,20 @@ def test_family_student_through_adapter_init_d2d_and_preference(families, tiny_w
         previous = after
     for n, p in load_vlm(teacher)[0].state_dict().items():
         assert torch.equal(p, teacher_before[n]), n
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_fast_reply_spans_equal_the_exact_ones(families, tiny_world, name):
+    """Replies found after the template's assistant header (one render per record) are exactly the spans that
+    rendering each prefix gives (two renders per reply); a template the probe does not fit takes the exact path."""
+    _, processor = load_vlm(_family(families, tiny_world, name))
+    enc = _encoder(processor)
+    conversations = [CONVERSATION, [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": " spaced  "}],
+                     [{"from": "human", "value": "<image>\nSay assistant"}, {"from": "gpt", "value": "assistant"}]]
+    for conv in conversations:
+        messages = to_messages(conv)
+        text = enc.render(messages)
+        fast = enc._fast_spans(text, messages)
+        assert fast is None or fast == enc.exact_spans(text, messages), (name, conv)
+    if name in ("llava_onevision", "qwen2_vl", "gemma3", "smolvlm"):
+        assert enc._reply_layout is not None  # the common templates take the fast path
