@@ -50,12 +50,17 @@ class LoadStats:
 
 
 def resolve_image(image_root: Path, rel: str) -> Path:
-    """The image's path, refusing anything that escapes the image folder (``..``, absolute paths, links)."""
-    root = image_root.resolve()
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root):
-        raise DataError(f"image path {rel!r} points outside the image folder {root}")
-    return path
+    """The image's path under the image folder. Refused: absolute paths and paths that climb out of the folder
+    (``..``): the threat is a record's path string. Links the user placed inside the folder are followed wherever
+    they point (``images/coco -> /datasets/coco``, shared storage): they are the folder's own layout."""
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"image path {rel!r} is not a relative path")
+    if os.path.isabs(rel) or rel.startswith("~"):
+        raise DataError(f"image path {rel!r} is absolute: paths are relative to the image folder {image_root}")
+    norm = os.path.normpath(rel)
+    if norm == ".." or norm.startswith("../"):
+        raise DataError(f"image path {rel!r} points outside the image folder {image_root}")
+    return image_root / norm
 
 
 def open_image(image_root: Path | None, image: str | None, image_bytes: bytes | None = None) -> Image.Image:
@@ -70,9 +75,9 @@ def open_image(image_root: Path | None, image: str | None, image_bytes: bytes | 
 class ImageFolder:
     """An image folder listed once, so that checking tens of thousands of records costs a set lookup each.
 
-    A record's path found in the listing (a plain file reached without links) is inside the folder by
-    construction; any other path (links, ``..``, files added after the listing) takes ``resolve_image``'s full
-    check, so the answer is the same, only faster.
+    A record's path found in the listing (a plain file reached without links) is known to exist; any other path
+    (through links, with ``./`` or ``..``, files added after the listing) takes ``resolve_image``'s check and a
+    stat, so the answer is the same, only faster.
     """
 
     def __init__(self, root: Path) -> None:
