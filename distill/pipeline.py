@@ -33,6 +33,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
+from distill.paths import pending
 from distill.plan import (
     SETTINGS,
     clear_outputs,
@@ -122,6 +123,22 @@ def stage_config(cfg: DictConfig, name: str) -> DictConfig:
     return block
 
 
+def check_stages(plans: list[Any], blocks: dict[str, DictConfig], run_dir: Path) -> None:
+    """Build every stage config that will run, before the first runs: a bad setting in a late stage is reported
+    now, not after hours of earlier stages. Inputs that earlier stages will write count as present."""
+    to_run = [p.name for p in plans if p.action != "skip"]
+    errors = []
+    with pending(run_dir / name for name in to_run):
+        for name in to_run:
+            try:
+                instantiate(blocks[name], _convert_="all")
+            except Exception as err:  # hydra wraps the config's own error; report that one
+                cause = err.__cause__ or err
+                errors.append(f"stages.{name}: {type(cause).__name__}: {cause}")
+    if errors:
+        raise ValueError("invalid stage settings; nothing was run:\n  " + "\n  ".join(errors))
+
+
 def run_pipeline(cfg: DictConfig, shared_roots: list[Path] | None = None) -> dict[str, Any]:
     """Run the recipe's stages. ``shared_roots``: other run folders whose finished stages may be linked in when
     their settings and inputs are the same (a sweep's points)."""
@@ -129,6 +146,7 @@ def run_pipeline(cfg: DictConfig, shared_roots: list[Path] | None = None) -> dic
     run_dir = Path(cfg.run.dir)
     blocks = {name: stage_config(cfg, name) for name in order}
     plans = make_plan(cfg, order, blocks)
+    check_stages(plans, blocks, run_dir)
     if cfg.run.get("plan", False):
         print(format_plan(plans))  # noqa: T201 (the plan is the command's output)
         return {}

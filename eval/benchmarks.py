@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distill import paths as fs
 from distill.data.formats import DataError, resolve_image
 
 Item = dict[str, Any]
@@ -195,12 +196,12 @@ class Benchmark:
         root = Path(data_dir)
         paths = {k: root / spec[k] for k in ("questions", "answers") if spec.get(k) is not None}
         for k, path in paths.items():
-            if not path.is_file():
+            if not fs.is_file(path):
                 raise FileNotFoundError(f"{key}.{k}: file {path} not found")
         images = Path(image_root)
         if spec.get("image_root") is not None:
             images = root / spec["image_root"]
-            if not images.is_dir():
+            if not fs.is_dir(images):
                 raise FileNotFoundError(f"{key}.image_root: folder {images} not found")
         return cls(label, fmt, image_root=images, **paths)
 

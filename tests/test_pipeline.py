@@ -40,6 +40,16 @@ def test_recipe_validation_names_the_problem(tmp_path, tiny_recipe):
         validate(_cfg(tmp_path, tiny_recipe, "pipeline=[world,world]"))
 
 
+def test_every_stage_is_checked_before_the_first_runs(tmp_path, tiny_recipe):
+    """A bad setting of a late stage stops the run before the world is built (its inputs, the earlier stages'
+    artifacts, do not exist yet and count as present); a wrong path outside the run folder is still caught."""
+    with pytest.raises(ValueError, match=r"stages\.d2d: ValueError: alpha=1\.5"):
+        run_pipeline(_cfg(tmp_path, tiny_recipe, "stages.d2d.alpha=1.5"))
+    assert not (tmp_path / "world").exists()
+    with pytest.raises(ValueError, match=r"stages\.teacher: FileNotFoundError: data\.train: /nowhere\.json"):
+        run_pipeline(_cfg(tmp_path, tiny_recipe, "stages.teacher.data.train=[/nowhere.json]"))
+
+
 def test_cli_runs_the_demo_recipe_end_to_end(tmp_path, tiny_recipe):
     """The real entry point, in a subprocess, on tiny models: every stage finishes and the table is printed."""
     cmd = [sys.executable, "-m", "distill", "recipe=demo", f"run.dir={tmp_path}", *tiny_recipe]

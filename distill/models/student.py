@@ -34,6 +34,7 @@ from transformers import (
     ProcessorMixin,
 )
 
+from distill import paths as fs
 from distill.models.modality import ModalityExpertsConfig, add_modality_experts, load_with_modality_experts
 from distill.models.processors import has_torchvision, image_only_processors, load_processor
 from distill.models.vlm import (
@@ -74,7 +75,7 @@ class StudentParts:
             self.modality_experts = ModalityExpertsConfig(**dict(self.modality_experts))
         for name in ("vision_tower", "llm"):
             path = Path(getattr(self, name))
-            if not (path / "config.json").is_file():
+            if not fs.is_file(path / "config.json"):
                 raise FileNotFoundError(f"student.{name}: no transformers checkpoint at {path} (config.json missing)")
         if self.projector not in PROJECTORS:
             raise ValueError(f"student.projector={self.projector!r}: expected one of {PROJECTORS}")

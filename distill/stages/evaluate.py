@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from distill import paths as fs
 from distill.data.collate import ConversationEncoder, SupervisedCollator, count_image_tokens
 from distill.data.formats import IMAGE_PLACEHOLDER
 from distill.data.templates import get_template
@@ -77,18 +78,18 @@ class EvalConfig:
         if not self.models:
             raise ValueError("eval.models: nothing to evaluate")
         for label, path in self.models.items():
-            if not (Path(path) / "config.json").is_file():
+            if not fs.is_file(Path(path) / "config.json"):
                 raise FileNotFoundError(f"eval.models.{label}: no checkpoint at {path}")
         root = Path(self.data_dir)
         for rel in [self.chair, self.chair_synonyms]:
-            if rel is not None and not (root / rel).is_file():
+            if rel is not None and not fs.is_file(root / rel):
                 raise FileNotFoundError(f"eval: benchmark file {root / rel} not found")
         reserved = {"vqa", "pope", "chair", *(f"pope_{s}" for s in self.pope)}
         clash = sorted(reserved & set(self.benchmarks))
         if clash:
             raise ValueError(f"eval.benchmarks: labels {clash} are taken by the built-in benchmarks")
         self.suites()  # checks formats and files
-        if self.kl_reference is not None and not (Path(self.kl_reference) / "config.json").is_file():
+        if self.kl_reference is not None and not fs.is_file(Path(self.kl_reference) / "config.json"):
             raise FileNotFoundError(f"eval.kl_reference: no checkpoint at {self.kl_reference}")
         if self.kl_reference is not None and self.vqa is None:
             raise ValueError("eval.kl_reference needs eval.vqa (the KL is measured on its answers)")

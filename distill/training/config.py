@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill import paths as fs
 from distill.data.formats import ON_BAD_RECORD
 from distill.data.templates import get_template
 from distill.models.student import ATTN_IMPLEMENTATIONS, StudentParts
@@ -37,9 +38,9 @@ class DataConfig:
         if not self.train:
             raise ValueError("data.train: at least one file is needed")
         for path in self.train:
-            if not Path(path).is_file():
+            if not fs.is_file(path):
                 raise FileNotFoundError(f"data.train: {path} does not exist")
-        if self.image_root is not None and not Path(self.image_root).is_dir():
+        if self.image_root is not None and not fs.is_dir(self.image_root):
             raise FileNotFoundError(f"data.image_root: {self.image_root} is not a folder")
         if self.on_bad_record not in ON_BAD_RECORD:
             raise ValueError(f"data.on_bad_record={self.on_bad_record!r}: expected one of {ON_BAD_RECORD}")
@@ -67,7 +68,7 @@ class ModelInit:
             self.parts = StudentParts(**self.parts)
         if (self.artifact is None) == (self.parts is None):
             raise ValueError("model: give exactly one of 'artifact' (a checkpoint folder) or 'parts'")
-        if self.artifact is not None and not (Path(self.artifact) / "config.json").is_file():
+        if self.artifact is not None and not fs.is_file(Path(self.artifact) / "config.json"):
             raise FileNotFoundError(f"model.artifact: no checkpoint at {self.artifact}")
 
 

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import ProcessorMixin
 
+from distill import paths as fs
 from distill.losses.kd import (
     KDOptions,
     chunked_kd_loss,
@@ -89,10 +90,10 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if (self.path is None) == (self.cache is None):
             raise ValueError("teacher: give exactly one of path (a checkpoint) and cache (a teacher cache folder)")
-        if self.cache is not None and not (Path(self.cache) / MANIFEST).is_file():
+        if self.cache is not None and not fs.is_file(Path(self.cache) / MANIFEST):
             raise FileNotFoundError(f"teacher.cache: no {MANIFEST} in {self.cache} (unfinished cache? rerun "
                                     "python -m data_prep.teacher_cache with the same arguments to complete it)")
-        if self.path is not None and not (Path(self.path) / "config.json").is_file():
+        if self.path is not None and not fs.is_file(Path(self.path) / "config.json"):
             raise FileNotFoundError(f"teacher.path: no checkpoint at {self.path}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"teacher.dtype={self.dtype!r}")
