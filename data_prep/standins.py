@@ -398,6 +398,7 @@ def align_teacher_projector(world: Path, arch: str, standins: Path, out: Path, c
 def _fit(model: torch.nn.Module, records: list[dict[str, Any]], collator: Any, out: Path, steps: int,
          batch_size: int, lr: float, seed: int) -> None:
     from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
 
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
@@ -407,6 +408,7 @@ def _fit(model: torch.nn.Module, records: list[dict[str, Any]], collator: Any, o
         disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(records), data_collator=collator)
+    trainer.remove_callback(PrinterCallback)  # the losses are logged once below, not as raw dicts per log step
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     log.info("%s: loss %s", type(model).__name__, " -> ".join(f"{x:.3f}" for x in losses))

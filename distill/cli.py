@@ -25,6 +25,9 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # Runs are offline by design: never reach for a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# wandb's own console lines (a third of the demo's output) say nothing the run's log does not; WANDB_SILENT=false
+# brings them back.
+os.environ.setdefault("WANDB_SILENT", "true")
 
 
 @hydra.main(version_base="1.3", config_path=str(RECIPES), config_name="config")

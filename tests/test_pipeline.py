@@ -59,6 +59,9 @@ def test_cli_runs_the_demo_recipe_end_to_end(tmp_path, tiny_recipe):
         assert (tmp_path / stage / "DONE").is_file(), stage
     assert (tmp_path / "teacher" / "model" / "model.safetensors").is_file()
     assert "| model |" in proc.stdout and "| teacher |" in proc.stdout
+    # Progress without a progress bar: the stage, step / total, ETA and the losses, one line per log step.
+    assert "d2d: step 2/2 (100%)" in proc.stdout and "about 0:00 left, loss " in proc.stdout
+    assert "{'loss'" not in proc.stdout  # the raw log dicts are not printed
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert [r["model"] for r in rows] == ["teacher", "adapter_init", "d2d", "d2s", "preference"]
     assert rows[0]["kl_teacher"] == pytest.approx(0.0, abs=1e-6)  # the teacher against itself

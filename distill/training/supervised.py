@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedModel, ProcessorMixin
+from transformers.trainer_callback import PrinterCallback
 
 from distill.data.collate import ConversationEncoder, SupervisedCollator
 from distill.data.formats import load_llava_json
@@ -19,7 +20,7 @@ from distill.training.config import DataConfig, ModelInit, Trainability
 from distill.training.context import StageContext
 from distill.training.distributed import save_final
 from distill.training.resilience import Preempted, PreemptionCallback, last_checkpoint
-from distill.training.tracking import add_tracking, finish_wandb, start_wandb_run, tracking_arguments
+from distill.training.tracking import ProgressLine, add_tracking, finish_wandb, start_wandb_run, tracking_arguments
 from distill.training.trainer import DistillTrainer, LossFn, training_arguments
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,9 @@ def train(
         token_normalised=token_normalised, callbacks=[preemption], max_nonfinite_losses=ours["max_nonfinite_losses"],
     )
     add_tracking(trainer, peak_flops=ours["peak_flops"], moe=track_expert_load)
+    if args.disable_tqdm:  # no progress bar: one line per log step with the stage, progress, ETA and the losses
+        trainer.remove_callback(PrinterCallback)  # (it printed each raw log dict)
+        trainer.add_callback(ProgressLine(ctx.name))
     resume = last_checkpoint(ctx.checkpoint_dir)
     if resume:
         log.info("resuming %s from %s", ctx.name, resume)

@@ -301,6 +301,38 @@ def _moe_blocks(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
         return []
 
 
+class ProgressLine(TrainerCallback):
+    """One line per log step when the Trainer's progress bar is off (CPU runs, output that is not a terminal):
+    the stage, step / total, percent, elapsed and the estimated time left."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.start: float | None = None
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not args.disable_tqdm or self.start is None or not state.max_steps or not state.is_world_process_zero:
+            return
+        done = state.global_step - self.first_step
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
+        shown = {k: v for k, v in (logs or {}).items() if (k == "loss" or (k.startswith("loss/") and k.count("/") == 1)
+                                                           or k in ("grad_norm", "learning_rate"))}
+        metrics = "".join(f", {k} {v:.4g}" for k, v in shown.items() if isinstance(v, int | float))
+        log.info("%s: step %d/%d (%.0f%%), %s elapsed, about %s left%s", self.stage, state.global_step,
+                 state.max_steps, 100 * state.global_step / state.max_steps, _clock(elapsed), _clock(left), metrics)
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
 def tracking_callbacks(model: torch.nn.Module, peak_flops: float | None = None,
                        moe: bool = True) -> list[TrainerCallback]:
     """Throughput/MFU for any model; expert load for an MoE student unless ``moe`` is off (e.g. where
