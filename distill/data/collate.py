@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from transformers import ProcessorMixin
 
 from distill.data.formats import IMAGE_PLACEHOLDER, DataError, open_image, record_images
 from distill.data.templates import ChatTemplate
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -228,7 +231,12 @@ class ConversationEncoder:
         for key in _BOOKKEEPING:
             out.pop(key, None)
         out["labels"] = labels
-        return _truncate(out, self.max_length)
+        trained = (labels != IGNORE_INDEX).sum(1)
+        out = _truncate(out, self.max_length)
+        kept = (out["labels"] != IGNORE_INDEX).sum(1)
+        for row in (trained - kept).nonzero().flatten().tolist():
+            _warn_cut(records[row].get("id"), self.max_length, int(trained[row]), int(kept[row]))
+        return out
 
     def _token_roles(self, out: dict[str, Any], row: int, spans: list[tuple[int, int]]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,6 +291,19 @@ class ConversationEncoder:
         for key in _BOOKKEEPING:
             out.pop(key, None)
         return out
+
+
+_WARNED: set[Any] = set()
+
+
+def _warn_cut(rid: Any, max_length: int, trained: int, kept: int) -> None:
+    """Once per record: ``max_length`` cut some (or all) of its reply tokens."""
+    if rid in _WARNED:
+        return
+    _WARNED.add(rid)
+    what = "all of them: it trains on nothing" if kept == 0 else f"{kept} are kept"
+    log.warning("record %s: max_length=%d cuts %d of its %d reply tokens (%s); raise data.max_length to keep them",
+                rid, max_length, trained - kept, trained, what)
 
 
 def _truncate(out: dict[str, Any], max_length: int) -> dict[str, Any]:

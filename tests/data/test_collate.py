@@ -108,6 +108,16 @@ def test_truncation_never_cuts_image_tokens(processor, tiny_world):
         SupervisedCollator(enc, tiny_world["images"])([ds[0]])
 
 
+def test_replies_cut_by_max_length_are_reported(processor, tiny_world, caplog):
+    record = {"id": "long1", "conversations": [{"from": "human", "value": "Hi " * 20},
+                                                 {"from": "gpt", "value": "a long answer " * 10}]}
+    enc = ConversationEncoder(processor, None, max_length=24)
+    with caplog.at_level("WARNING"):
+        batch = SupervisedCollator(enc, tiny_world["images"])([record])
+    assert (batch["labels"] == IGNORE_INDEX).all() and batch["input_ids"].shape[1] == 24
+    assert "record long1: max_length=24 cuts" in caplog.text and "it trains on nothing" in caplog.text
+
+
 def test_unreadable_image_at_collate_time_names_record(processor, tmp_path):
     enc = ConversationEncoder(processor, None, max_length=1024)
     (tmp_path / "gone.png").write_bytes(b"junk")
