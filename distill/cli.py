@@ -57,8 +57,8 @@ def _sweep_point(cfg: DictConfig) -> list[Path] | None:
     overrides = sorted(hydra_cfg.overrides.task)
     point = base / "sweep" / f"{hydra_cfg.job.num}-{hashlib.sha1(chr(10).join(overrides).encode()).hexdigest()[:8]}"
     cfg.run.dir = str(point)
+    point.mkdir(parents=True, exist_ok=True)  # on every rank: the listing below must not race rank 0's mkdir
     if int(os.environ.get("RANK", "0")) == 0:
-        point.mkdir(parents=True, exist_ok=True)
         (point / "overrides.txt").write_text("\n".join(overrides) + "\n")
     return [base, *sorted(p for p in (base / "sweep").iterdir() if p.is_dir() and p != point)]
 

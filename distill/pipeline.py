@@ -19,6 +19,7 @@ instead of running again: a sweep over ``stages.d2d.alpha`` builds the world, th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from transformers import set_seed
 from distill.paths import pending
 from distill.plan import (
     SETTINGS,
+    StagePlan,
     clear_outputs,
     find_shared,
     format_plan,
@@ -139,21 +142,68 @@ def check_stages(plans: list[Any], blocks: dict[str, DictConfig], run_dir: Path)
         raise ValueError("invalid stage settings; nothing was run:\n  " + "\n  ".join(errors))
 
 
+def _plan_file(run_dir: Path) -> Path:
+    """Where the main process hands its plan to the other ranks of this launch (named by the launch's identity)."""
+    key = "|".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                                                   "TORCHELASTIC_RESTART_COUNT", "WORLD_SIZE"))
+    return run_dir / f".plan-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
+
+
+def _plan_on_main(cfg: DictConfig, order: list[str], blocks: dict[str, DictConfig],
+                  run_dir: Path) -> list[StagePlan] | None:
+    """Plan and check on the main process, remove the redone stages' old outputs, then hand the plan to the other
+    ranks, which must not plan themselves (they would see the outputs half removed). None: only show the plan."""
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        plans = make_plan(cfg, order, blocks)
+        check_stages(plans, blocks, run_dir)
+        if cfg.run.get("plan", False):
+            print(format_plan(plans))  # noqa: T201 (the plan is the command's output)
+            return None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for plan in plans:
+            if plan.action == "redo":
+                log.info("stage %s: its old output is removed before it is redone", plan.name)
+                clear_outputs(run_dir / plan.name)
+    except Exception as err:
+        if multi:  # the other ranks wait for the plan: tell them to stop instead of hanging
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(_plan_file(run_dir), json.dumps({"error": f"{type(err).__name__}: {err}"}))
+        raise
+    if multi:
+        write_atomic(_plan_file(run_dir), json.dumps({"plans": [asdict(p) for p in plans]}))
+    return plans
+
+
+def _plan_from_main(run_dir: Path, entered: float, poll_s: float = 1.0) -> list[StagePlan]:
+    """The main process's plan for this launch: a plan file written after this rank started (an older one is a
+    previous launch's)."""
+    path = _plan_file(run_dir)
+    while not (path.is_file() and path.stat().st_mtime >= entered - 30):
+        time.sleep(poll_s)
+    data = json.loads(path.read_text())
+    if "error" in data:
+        raise RuntimeError(f"the main process stopped before any stage ran: {data['error']}")
+    return [StagePlan(**p) for p in data["plans"]]
+
+
 def run_pipeline(cfg: DictConfig, shared_roots: list[Path] | None = None) -> dict[str, Any]:
     """Run the recipe's stages. ``shared_roots``: other run folders whose finished stages may be linked in when
     their settings and inputs are the same (a sweep's points)."""
+    entered = time.time()
     order = validate(cfg)
     run_dir = Path(cfg.run.dir)
     blocks = {name: stage_config(cfg, name) for name in order}
-    plans = make_plan(cfg, order, blocks)
-    check_stages(plans, blocks, run_dir)
-    if cfg.run.get("plan", False):
-        print(format_plan(plans))  # noqa: T201 (the plan is the command's output)
-        return {}
-    run_dir.mkdir(parents=True, exist_ok=True)
     main = is_main_process()
     if main:
+        plans = _plan_on_main(cfg, order, blocks, run_dir)
+        if plans is None:
+            return {}
         write_atomic(run_dir / "recipe.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    else:
+        if cfg.run.get("plan", False):
+            return {}
+        plans = _plan_from_main(run_dir, entered)
     results: dict[str, Any] = {}
     for plan in plans:
         name, block = plan.name, blocks[plan.name]
@@ -170,15 +220,16 @@ def run_pipeline(cfg: DictConfig, shared_roots: list[Path] | None = None) -> dic
             if shared is not None:
                 if main:
                     stage_dir.parent.mkdir(parents=True, exist_ok=True)
+                    if stage_dir.is_symlink():  # a link to a stage that was redone since
+                        stage_dir.unlink()
                     stage_dir.symlink_to(shared.resolve(), target_is_directory=True)
                 else:
                     wait_for(stage_dir / DONE)
                 log.info("stage %s: same settings and inputs as %s: linked, not rerun", name, shared)
                 results[name] = json.loads((stage_dir / "metrics.json").read_text())
                 continue
-        if plan.action == "redo" and main:
-            log.info("stage %s: redone (%s); its old output is removed", name, plan.reason)
-            clear_outputs(stage_dir)
+        if plan.action == "redo":
+            log.info("stage %s: redone (%s)", name, plan.reason)
         if not main and getattr(get_class(block["_target_"]), "main_process_only", False):
             log.info("stage %s: runs on the main process; waiting for it", name)
             wait_for(stage_dir / DONE)

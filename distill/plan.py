@@ -18,6 +18,7 @@ modification time). Both are recorded in ``<stage>/settings.json`` when the stag
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,8 @@ def _ignored(key: str) -> bool:
 
 
 def _relative(value: Any, run_dir: str) -> Any:
-    if isinstance(value, str) and run_dir in value:
-        return value.replace(run_dir, "${run.dir}")
+    if isinstance(value, str) and run_dir in value:  # the folder itself or a path under it, not a longer name
+        return re.sub(re.escape(run_dir) + r"(?=/|$)", "${run.dir}", value)
     if isinstance(value, list):
         return [_relative(v, run_dir) for v in value]
     return value
@@ -171,6 +172,10 @@ def make_plan(cfg: DictConfig, order: list[str], blocks: dict[str, DictConfig]) 
                 StagePlan(name, "skip", "finished, same settings")
         elif _started(stage_dir):
             diff = _diff(old["settings"], settings) if old else {}
+            for u, stamp in ((old or {}).get("inputs") or {}).items():  # resumed on other inputs: not the same run
+                now = _stamp(run_dir / u)
+                if u in changed_up or now != stamp:
+                    diff[f"input {u}"] = (stamp, now if u not in changed_up else f"to be {plans[u].action}")
             plans[name] = StagePlan(name, "stale", "interrupted; settings changed", diff) if diff else \
                 StagePlan(name, "resume", "interrupted, same settings")
         else:
@@ -212,7 +217,11 @@ def format_plan(plans: list[StagePlan]) -> str:
 
 
 def clear_outputs(stage_dir: Path) -> None:
-    """Remove a stage's old output before it is redone (its DONE first, so a crash leaves it unfinished)."""
+    """Remove a stage's old output before it is redone (its DONE first, so a crash leaves it unfinished). A stage
+    linked from another sweep point loses only its link: the other point's output stays."""
+    if stage_dir.is_symlink():
+        stage_dir.unlink()
+        return
     (stage_dir / DONE).unlink(missing_ok=True)
     if stage_dir.is_dir():
         shutil.rmtree(stage_dir)

@@ -19,12 +19,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_world_then_teacher(tmp_path, tiny_recipe):
+def _launch(run_dir: Path, tiny: list[str], *extra: str) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "distill", "recipe=demo", f"run.dir={tmp_path}", *tiny_recipe, "pipeline=[world,teacher]",
-           "trainer.deepspeed=null"]
+           "-m", "distill", "recipe=demo", f"run.dir={run_dir}", *tiny, "pipeline=[world,teacher]", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_torchrun_two_processes_world_then_teacher_then_a_redo(tmp_path, tiny_recipe):
+    _launch(tmp_path, tiny_recipe, "trainer.deepspeed=null")
     assert (tmp_path / "world" / "DONE").is_file() and (tmp_path / "teacher" / "DONE").is_file()
     assert (tmp_path / "teacher" / "model" / "model.safetensors").is_file()
+    # A redo under the launcher: the main process removes the old output before any rank plans on it, and the
+    # other rank follows the main process's plan (the world is skipped by both, the teacher redone by both).
+    world, teacher = ((tmp_path / s / "DONE").read_text() for s in ("world", "teacher"))
+    _launch(tmp_path, tiny_recipe, "trainer.deepspeed=null", "run.redo=[teacher]",
+            "stages.teacher.training.learning_rate=0.005")
+    assert (tmp_path / "world" / "DONE").read_text() == world
+    assert (tmp_path / "teacher" / "DONE").read_text() != teacher

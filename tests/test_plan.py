@@ -126,3 +126,19 @@ def test_a_sweep_gives_each_point_its_teacher_and_shares_the_world(tmp_path, tin
     a, b = (load_file(p / "teacher" / "model" / "model.safetensors") for p in points)
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert {(p / "overrides.txt").read_text().count("learning_rate=0.0") for p in points} == {1}
+
+
+def test_redoing_a_linked_stage_removes_only_the_link(tmp_path):
+    from distill.plan import DONE, clear_outputs, settings_of
+
+    shared = tmp_path / "point0" / "world"
+    shared.mkdir(parents=True)
+    (shared / DONE).write_text("stamp\n")
+    link = tmp_path / "point1" / "world"
+    link.parent.mkdir()
+    link.symlink_to(shared, target_is_directory=True)
+    clear_outputs(link)
+    assert not link.exists() and not link.is_symlink() and (shared / DONE).read_text() == "stamp\n"
+    # The run folder is rewritten as ${run.dir} only where it is the folder itself, not a longer name.
+    assert settings_of({"a": f"{tmp_path}/run/x", "b": f"{tmp_path}/run2/x", "c": f"{tmp_path}/run"},
+                       tmp_path / "run") == {"a": "${run.dir}/x", "b": f"{tmp_path}/run2/x", "c": "${run.dir}"}

@@ -297,11 +297,16 @@ _WARNED: set[Any] = set()
 
 
 def _warn_cut(rid: Any, max_length: int, trained: int, kept: int) -> None:
-    """Once per record: ``max_length`` cut some (or all) of its reply tokens."""
+    """Once per record: ``max_length`` cut some (or all) of its reply tokens (``max_length`` 0: the teacher's and
+    the student's cuts differ, both keep the shorter)."""
     if rid in _WARNED:
         return
     _WARNED.add(rid)
     what = "all of them: it trains on nothing" if kept == 0 else f"{kept} are kept"
+    if max_length == 0:
+        log.warning("record %s: data.max_length left the teacher and the student different numbers of reply tokens; "
+                    "both keep the first %d of %d (%s)", rid[1], kept, trained, what)
+        return
     log.warning("record %s: max_length=%d cuts %d of its %d reply tokens (%s); raise data.max_length to keep them",
                 rid, max_length, trained - kept, trained, what)
 
@@ -338,6 +343,30 @@ def _pack(out: dict[str, Any]) -> dict[str, Any]:
     return packed
 
 
+def _segments(batch: dict[str, Any], prefix: str, n: int) -> list[tuple[int, int, int]]:
+    """``(row, start, end)`` of each record: a row each when padded, position-id restarts in a packed row."""
+    labels = batch[prefix + "labels"]
+    if prefix + "position_ids" in batch and labels.shape[0] == 1 and n > 1:
+        starts = (batch[prefix + "position_ids"][0] == 0).nonzero().flatten().tolist()
+        return [(0, a, b) for a, b in zip(starts, [*starts[1:], labels.shape[1]])]
+    return [(i, 0, labels.shape[1]) for i in range(labels.shape[0])]
+
+
+def _pair_replies(batch: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
+    """Teacher and student are cut at the same ``max_length`` but their image tokens and templates differ, so one
+    may lose more reply tokens than the other: keep, per record, only the reply tokens both still have (the first
+    ones), so that KD pairs the same tokens instead of stopping on unequal counts."""
+    for (sr, sa, sb), (tr, ta, tb), record in zip(_segments(batch, "", len(records)),
+                                                  _segments(batch, "teacher_", len(records)), records, strict=True):
+        s_pos = (batch["labels"][sr, sa:sb] != IGNORE_INDEX).nonzero().flatten() + sa
+        t_pos = (batch["teacher_labels"][tr, ta:tb] != IGNORE_INDEX).nonzero().flatten() + ta
+        k = min(len(s_pos), len(t_pos))
+        if len(s_pos) != len(t_pos):
+            batch["labels"][sr, s_pos[k:]] = IGNORE_INDEX
+            batch["teacher_labels"][tr, t_pos[k:]] = IGNORE_INDEX
+            _warn_cut(("pair", record.get("id")), 0, max(len(s_pos), len(t_pos)), k)
+
+
 class SupervisedCollator:
     """Batches LLaVA-format records for the student (and the teacher, if its encoder is given)."""
 
@@ -365,6 +394,7 @@ class SupervisedCollator:
         batch = self.student.batch(records, images, packed=self.packed)
         if self.teacher is not None:
             batch.update(self.teacher.batch(records, images, prefix="teacher_", packed=self.packed))
+            _pair_replies(batch, records)
         if self.with_ids:
             batch["record_ids"] = [str(r["id"]) for r in records]
         return batch

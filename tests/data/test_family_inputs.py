@@ -196,3 +196,24 @@ def test_fast_reply_spans_equal_the_exact_ones(families, tiny_world, name):
         assert fast is None or fast == enc.exact_spans(text, messages), (name, conv)
     if name in ("llava_onevision", "qwen2_vl", "gemma3", "smolvlm"):
         assert enc._reply_layout is not None  # the common templates take the fast path
+
+
+def test_unequal_cuts_keep_the_reply_tokens_both_models_have(families, tiny_world, images):
+    """A teacher with many more image tokens than the student loses more of a reply to the shared max_length: both
+    keep the first reply tokens they still share, and KD runs on them (it stopped on unequal counts)."""
+    from distill.losses.kd import paired_positions
+
+    _, tproc = load_vlm(_family(families, tiny_world, "llava_onevision"))  # 88 tokens for a 64x64 image
+    student, sproc = load_vlm(_family(families, tiny_world, "qwen2_vl", seed=1))  # 16
+    record = {"id": "long", "image": "b.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red circle " * 12}]}
+    full = SupervisedCollator(ConversationEncoder(sproc, None, 4096), images)([record])
+    n_student = int((full["labels"] != IGNORE_INDEX).sum())
+    limit = int(full["input_ids"].shape[1]) + 20  # the student keeps its whole reply, the teacher does not
+    collator = SupervisedCollator(ConversationEncoder(sproc, get_template("chatml"), limit), images,
+                                  teacher=ConversationEncoder(tproc, get_template("chatml"), limit))
+    batch = collator([record])
+    s_mask, t_mask, targets = paired_positions(batch["labels"], batch["teacher_labels"])
+    assert 0 < int(s_mask.sum()) == int(t_mask.sum()) < n_student
+    kept = batch["labels"][batch["labels"] != IGNORE_INDEX].tolist()
+    assert kept == full["labels"][full["labels"] != IGNORE_INDEX].tolist()[: len(kept)]  # the first reply tokens
