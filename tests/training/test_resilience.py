@@ -134,8 +134,8 @@ def test_sigkill_anywhere_then_resume_gives_identical_weights(tmp_path, tiny_wor
 def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path, tiny_world, tiny_recipe):
     run = tmp_path / "preempted"
     proc = _cli(run, tiny_world["root"], tiny_recipe, "trainer.max_steps=400", "trainer.save_steps=1000")
-    for line in proc.stdout:  # the first logged step means the Trainer (and its SIGTERM handler) is running
-        if "'loss'" in line:
+    for line in proc.stdout:  # the first progress line means the Trainer (and its SIGTERM handler) is running
+        if "teacher: step " in line:
             break
     proc.send_signal(signal.SIGTERM)
     code, out = _finish(proc)
