@@ -309,10 +309,10 @@ def stage_defaults(stage: str) -> dict[str, Any]:
     if stage == "d2d":
         return {"kd": default(ImitationConfig, "kd"), "alpha": default(ImitationConfig, "alpha")}
     if stage == "d2s":
-        return {k: default(SparseImitationConfig, k) for k in ("kd", "alpha", "aux_coef", "z_coef", "upcycle",
-                                                               "experts_implementation")}
+        return {k: default(SparseImitationConfig, k) for k in ("kd", "alpha", "aux_coef", "z_coef", "aux_layers",
+                                                               "upcycle", "experts_implementation")}
     return {**{k: default(PreferenceConfig, k) for k in ("loss_type", "beta", "average_logps", "nll_coef",
-                                                         "aux_coef")},
+                                                         "aux_coef", "aux_layers")},
             "upcycle": UpcycleConfig(), "experts_implementation": default(SparseImitationConfig,
                                                                         "experts_implementation")}
 
@@ -723,13 +723,13 @@ def make_loss(ctx: Context):
     cfg, stage = ctx.stage_cfg, ctx.args.stage
     if stage == "preference":
         pref = argparse.Namespace(**{k: cfg[k] for k in ("loss_type", "beta", "average_logps", "nll_coef",
-                                                         "aux_coef")})
+                                                         "aux_coef", "aux_layers")})
         return PreferenceLoss(pref, ctx.teacher, RouterRecorder(ctx.student), ctx.top_k)
     kd = cfg["kd"] if ctx.args.chunk is None else dataclasses.replace(cfg["kd"], chunk_size=ctx.args.chunk)
     assert isinstance(kd, KDConfig)
     if stage == "d2s":
         loss = SparseKDLoss(ctx.teacher, kd, cfg["alpha"], RouterRecorder(ctx.student), ctx.top_k,
-                            cfg["aux_coef"], cfg["z_coef"])
+                            cfg["aux_coef"], cfg["z_coef"], cfg["aux_layers"])
     else:
         loss = KDLoss(ctx.teacher, kd, cfg["alpha"])
     loss.matmul_dtype = kd.matmul_dtype(ctx.bf16)  # what prepare(trainer) sets; the bare loop has no Trainer
@@ -852,7 +852,8 @@ def run_naive(ctx: Context, clock: Clock) -> dict[str, Any]:
         else:
             loss = naive_kd(s_logits, t_logits, batch["labels"], cfg["alpha"])
         if recorder is not None and cfg["aux_coef"] > 0:
-            loss = loss + cfg["aux_coef"] * load_balancing_loss(recorder.take(), ctx.top_k, batch["attention_mask"])
+            loss = loss + cfg["aux_coef"] * load_balancing_loss(recorder.take(), ctx.top_k, batch["attention_mask"],
+                                                                layers=cfg["aux_layers"])
         return loss
 
     return run_loop(ctx, clock, step_loss, token_normalised=False, loop_autocast=True)
@@ -862,20 +863,28 @@ def trl_dataset(ctx: Context):
     """Each record's student token ids and labels (the same ids the collator gives, image tokens included)."""
     from datasets import Dataset
 
-    encoded = [ctx.data.encoder.encode(r, None) for r in ctx.data.dataset]
-    return Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]})
+    load = ctx.data.collator.inner.load_images if hasattr(ctx.data.collator, "inner") else \
+        ctx.data.collator.load_images
+    rows = [ctx.data.encoder.encode([r], [load(r)]) for r in ctx.data.dataset]
+    return Dataset.from_dict({"input_ids": [e["input_ids"][0].tolist() for e in rows],
+                              "labels": [e["labels"][0].tolist() for e in rows]})
 
 
 class TextCollator:
-    """Pads token-id rows with the project encoder's ``batch`` (right padding, to the longest in the batch)."""
+    """Right-pads token-id rows to the longest in the batch (ids with the encoder's pad id, labels with -100)."""
 
     def __init__(self, encoder: Any) -> None:
         self.encoder = encoder
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from distill.data.collate import Encoded
-
-        return self.encoder.batch([Encoded(list(r["input_ids"]), list(r["labels"]), None) for r in rows])
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.encoder.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def run_trl(ctx: Context, clock: Clock) -> dict[str, Any]:
