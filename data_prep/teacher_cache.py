@@ -88,6 +88,9 @@ class TeacherCacheConfig:
     """Read at most this many records per file."""
     teacher_dtype: str = "float32"
     """The teacher's compute dtype."""
+    data_cache: str | None = field(default=None, metadata={"plan": False})
+    """A folder to keep the checked records in (``data.cache_dir``: the training run's ``<run.dir>/cache/data``
+    shares the work with its stages); None: read and checked in memory. Not part of the plan."""
     device: str = field(default="auto", metadata={"plan": False})
     """``auto`` (cuda if available), ``cpu`` or ``cuda``; not part of the plan."""
 
@@ -178,8 +181,8 @@ def build_teacher_cache(cfg: TeacherCacheConfig, max_new_shards: int | None = No
         _write_json(out / PLAN, plan)
 
     data = DataConfig(train=cfg.data, image_root=cfg.image_root, template=cfg.template, max_length=cfg.max_length,
-                      limit=cfg.limit)
-    dataset, _ = load_conversations(data)
+                      limit=cfg.limit, cache_dir=cfg.data_cache)
+    dataset, _ = load_conversations(data, run_dir=None)
     ids = _record_ids(dataset)
     n_shards = (len(ids) + cfg.records_per_shard - 1) // cfg.records_per_shard
     names = [f"shard-{i:05d}.safetensors" for i in range(n_shards)]
@@ -265,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int)
     parser.add_argument("--teacher-dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-cache", help="keep the checked records here (e.g. the run's <run.dir>/cache/data)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = TeacherCacheConfig(**{k.replace("-", "_"): v for k, v in vars(args).items()})

@@ -33,6 +33,7 @@ NON_RESULT_KEYS = (
     "training.dataloader_num_workers", "training.dataloader_pin_memory", "training.dataloader_persistent_workers",
     "training.dataloader_prefetch_factor", "training.disable_tqdm", "training.save_strategy", "training.save_steps",
     "training.save_total_limit", "training.peak_flops", "training.logging_dir", "batch_size", "progress",
+    "data.cache_dir",
 )
 """Setting paths (suffixes of a stage block's dotted keys) that cannot change a stage's results: logging, loader
 workers, checkpoint cadence, evaluation batch size. A change of one of them never makes a finished stage stale.

@@ -21,9 +21,15 @@ over the same response tokens. With ``packed=True`` a batch is one padding-free 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
+import hashlib
+import io
+import json
 import logging
-from collections.abc import Sequence
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,7 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
-from distill.data.formats import IMAGE_PLACEHOLDER, DataError, open_image, record_images
+from distill.data.formats import IMAGE_PLACEHOLDER, DataError, open_image, record_images, resolve_image
 from distill.data.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
@@ -94,6 +100,18 @@ def to_messages(conversations: Sequence[dict[str, str]],
                 content.append({"type": "text", "text": text})
         messages.append({"role": role, "content": content})
     return messages
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """A record against ``max_length`` for one model."""
+
+    replies: int
+    """Its reply tokens (the trained tokens)."""
+    kept: int
+    """Those inside ``max_length``."""
+    image_cut: bool
+    """``max_length`` would cut image tokens: the record cannot be used."""
 
 
 class ConversationEncoder:
@@ -269,6 +287,85 @@ class ConversationEncoder:
                 trained.append(pos)
         return torch.tensor(trained, dtype=torch.long), torch.tensor(image, dtype=torch.long)
 
+    # -- fitting into max_length, before training ------------------------------------------------------------
+    def fit(self, conversations: Sequence[dict[str, str]], sizes: Sequence[tuple[int, int]], rid: Any = None
+            ) -> Fit:
+        """How a record fits ``max_length`` for this model: its reply tokens, how many are kept, whether image
+        tokens would be cut (what ``encode`` refuses), from the image sizes alone. The text is tokenized as
+        rendered and each image stands for as many tokens as the processor expands one image of that size to
+        (asked once per size); where that is not how this processor builds its inputs (the probe in
+        ``_expansion_is_exact``), the processor is run on blank images of the record's sizes."""
+        text, spans = self.render_with_spans(to_messages(conversations), rid)
+        layout = self._layout_from_text(text, spans, sizes) if self._expansion_is_exact else None
+        if layout is None:
+            layout = self._layout_from_processor(text, spans, sizes)
+        trained, image_end = layout
+        kept = sum(1 for pos in trained if pos < self.max_length)
+        return Fit(len(trained), kept, image_end >= self.max_length)
+
+    def _layout_from_processor(self, text: str, spans: list[tuple[int, int]], sizes: Sequence[tuple[int, int]]
+                               ) -> tuple[list[int], int]:
+        """(trained token positions, last image token position or -1) as ``encode`` finds them."""
+        images = [[Image.new("RGB", tuple(size)) for size in sizes]]
+        out = self._call_processor([text], images, "right", with_offsets=True)
+        trained, image = self._token_roles(out, 0, spans)
+        return trained.tolist(), int(image.max()) if image.numel() else -1
+
+    def _layout_from_text(self, text: str, spans: list[tuple[int, int]], sizes: Sequence[tuple[int, int]]
+                          ) -> tuple[list[int], int] | None:
+        add = not (self._bos is not None and text.startswith(self._bos))
+        enc = self.tokenizer(text, add_special_tokens=add, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        marks = [i for i, t in enumerate(ids) if t == self._placeholder_id]
+        if len(marks) != len(sizes):
+            return None
+        widths = [self._expansion(tuple(size)) for size in sizes]
+        starts = [s for s, _ in spans]
+        trained, shift, k, image_end = [], 0, 0, -1
+        for pos, (start, end) in enumerate(offsets):
+            if k < len(marks) and pos == marks[k]:
+                image_end = pos + shift + widths[k] - 1
+                shift += widths[k] - 1
+                k += 1
+                continue
+            if end == start:
+                continue
+            if self.train_on == "all":
+                trained.append(pos + shift)
+                continue
+            j = bisect.bisect_right(starts, start) - 1
+            if j >= 0 and start < spans[j][1]:
+                trained.append(pos + shift)
+        return trained, image_end
+
+    @functools.cached_property
+    def _placeholder_id(self) -> int:
+        """The token the chat template writes for an image (Gemma3's begin-of-image, not its feature token)."""
+        return self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one encoder per model per stage)
+    def _expansion(self, size: tuple[int, int]) -> int:
+        """How many tokens the processor puts where the text has one image of ``size`` (width, height)."""
+        token = self.processor.image_token
+        alone = len(self.tokenizer(token, add_special_tokens=False)["input_ids"])
+        out = self.processor(text=[token], images=[[Image.new("RGB", size)]], add_special_tokens=False)
+        return len(out["input_ids"][0]) - alone + 1
+
+    @functools.cached_property
+    def _expansion_is_exact(self) -> bool:
+        """Whether counting each image as its expansion's width gives the processor's own layout: checked on a
+        probe conversation with two images of other sizes, a text-only turn and two replies."""
+        conversation = [{"from": "human", "value": "<image>\nWhat is this, in a few words?"},
+                        {"from": "gpt", "value": "A small test picture."},
+                        {"from": "human", "value": "And this one: <image> is it the same?"},
+                        {"from": "gpt", "value": "No, it is wider."}]
+        sizes = [(40, 30), (96, 48)]
+        try:
+            text, spans = self.render_with_spans(to_messages(conversation))
+            return self._layout_from_text(text, spans, sizes) == self._layout_from_processor(text, spans, sizes)
+        except Exception:  # a processor that refuses the probe: every record takes the processor path
+            return False
+
     def batch(self, records: Sequence[dict[str, Any]], images: Sequence[Sequence[Image.Image]], prefix: str = "",
               packed: bool = False) -> dict[str, Any]:
         """The model's inputs and labels for ``records`` (``images[i]``: record i's images, in order), keys prefixed.
@@ -398,3 +495,114 @@ class SupervisedCollator:
         if self.with_ids:
             batch["record_ids"] = [str(r["id"]) for r in records]
         return batch
+
+
+def _conversation(record: dict[str, Any]) -> list[Sequence[dict[str, str]]]:
+    return [record["conversations"]]
+
+
+def check_fit(
+    dataset: Any,
+    encoders: dict[str, ConversationEncoder],
+    image_root: str | Path | None,
+    on_bad_record: str,
+    source: str,
+    conversations_of: Callable[[dict[str, Any]], list[Sequence[dict[str, str]]]] = _conversation,
+    cache_dir: str | Path | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Every record as each model (``encoders``, by name) will see it, checked before training: a record whose
+    image tokens ``max_length`` would cut, whose replies it cuts away entirely (it would train on nothing), or that
+    a model's template or processor refuses is an error naming it (``on_bad_record=error``) or is skipped and
+    counted (``skip``). Records that lose part of their replies are kept and counted. Returns the usable records
+    and a report; with ``cache_dir`` the answer is kept for this dataset and these models and reused."""
+    key = None
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        key = Path(cache_dir) / f"fit-{_fit_key(dataset, encoders)}.json"
+        if key.is_file():
+            saved = json.loads(key.read_text())
+            return _apply_fit(dataset, {int(i): r for i, r in saved["refused"].items()}, saved["report"],
+                              on_bad_record, source)
+    sizes = _ImageSizes(image_root)
+    refused: dict[int, str] = {}
+    report = Counter()
+    for idx, record in enumerate(dataset):
+        rid = record.get("id")
+        lost = 0
+        try:
+            shapes = [sizes(path, data) for path, data in record_images(record)]
+            for conversation in conversations_of(record):
+                for name, encoder in encoders.items():
+                    fit = encoder.fit(conversation, shapes, rid)
+                    if fit.image_cut:
+                        raise DataError(f"max_length={encoder.max_length} would cut the {name}'s image tokens")
+                    if fit.kept == 0:
+                        raise DataError(f"max_length={encoder.max_length} leaves the {name} no reply token (all "
+                                        f"{fit.replies} lie beyond it: the record would train on nothing)")
+                    lost = max(lost, fit.replies - fit.kept)
+                    report["reply_tokens"] += fit.replies if name == next(iter(encoders)) else 0
+        except DataError as err:
+            refused[idx] = str(err)
+            continue
+        except Exception as err:  # a processor's own refusal (token / image counts), with the record named
+            refused[idx] = f"refused by the processor: {type(err).__name__}: {err}"
+            continue
+        if lost:
+            report["records_cut"] += 1
+            report["reply_tokens_cut"] += lost
+    report = {"records": len(dataset), **report}
+    if key is not None:
+        tmp = key.with_name(f"{key.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"refused": refused, "report": report}))
+        os.replace(tmp, key)
+    return _apply_fit(dataset, refused, report, on_bad_record, source)
+
+
+def _apply_fit(dataset: Any, refused: dict[int, str], report: dict[str, Any], on_bad_record: str, source: str
+               ) -> tuple[Any, dict[str, Any]]:
+    if refused and on_bad_record == "error":
+        idx, reason = min(refused.items())
+        raise DataError(f"{source}: record {dataset[idx].get('id')}: {reason}; raise data.max_length, or set "
+                        f"data.on_bad_record=skip to skip such records ({len(refused)} of {len(dataset)})")
+    if report.get("records_cut"):
+        log.warning("%s: data.max_length cuts the replies of %d of %d records (%d of %d reply tokens lost)", source,
+                    report["records_cut"], report["records"], report["reply_tokens_cut"], report["reply_tokens"])
+    if not refused:
+        return dataset, {**report, "refused": 0}
+    reasons = Counter(reason.split(" (")[0].split(";")[0] for reason in refused.values())
+    log.warning("%s: skipped %d of %d records that cannot be trained on as they are: %s", source, len(refused),
+                len(dataset), dict(reasons))
+    if len(refused) == len(dataset):
+        raise DataError(f"{source}: no record fits data.max_length ({len(dataset)} checked)")
+    keep = [i for i in range(len(dataset)) if i not in refused]
+    return dataset.select(keep), {**report, "refused": len(refused), "refused_reasons": dict(reasons)}
+
+
+def _fit_key(dataset: Any, encoders: dict[str, ConversationEncoder]) -> str:
+    parts = [getattr(dataset, "_fingerprint", None) or str(id(dataset))]
+    for name, encoder in sorted(encoders.items()):
+        tokenizer = encoder.tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        parts += [name, encoder.max_length, encoder.train_on, encoder.chat_template,
+                  type(encoder.processor).__name__, encoder.processor.to_json_string(),
+                  backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+class _ImageSizes:
+    """(width, height) of each image from its header, once per file."""
+
+    def __init__(self, image_root: str | Path | None) -> None:
+        self.root = Path(image_root) if image_root is not None else None
+        self.known: dict[str, tuple[int, int]] = {}
+
+    def __call__(self, path: str | None, data: bytes | None) -> tuple[int, int]:
+        if data is not None:
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+        if path not in self.known:
+            if self.root is None:
+                raise DataError(f"record has image {path!r} but no image folder is configured")
+            with Image.open(resolve_image(self.root, path)) as im:
+                self.known[path] = im.size
+        return self.known[path]

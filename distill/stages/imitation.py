@@ -23,7 +23,7 @@ from distill.models.trainable import apply_trainability, parameter_table
 from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass
 from distill.training.context import StageContext
 from distill.training.kd import KDConfig, KDLoss, TeacherConfig, open_teacher
-from distill.training.supervised import check_packing, load_conversations, load_model, train
+from distill.training.supervised import check_packing, fit_data, load_conversations, load_model, train
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def run(cfg: ImitationConfig, ctx: StageContext) -> dict[str, Any]:
     check_packing(cfg.data.packing, model, teacher)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
-    dataset, stats = load_conversations(cfg.data)
+    dataset, stats = load_conversations(cfg.data, ctx.run_dir)
     collator = build_collator(cfg.data, cfg.kd, processor, teacher_processor)
+    dataset, fit = fit_data(dataset, collator, cfg.data, ctx.run_dir)
     metrics = train(ctx, model, processor, dataset, collator, KDLoss(teacher, cfg.kd, cfg.alpha))
-    return {**metrics, "data": stats}
+    return {**metrics, "data": stats, "fit": fit}

@@ -35,7 +35,7 @@ from distill.training.context import StageContext
 from distill.training.distributed import gathered, local_device, prepare_teacher, run_in_forward, unwrap
 from distill.training.kd import TeacherConfig, last_hidden, split_inputs
 from distill.training.moe import RouterRecorder
-from distill.training.supervised import load_model, train
+from distill.training.supervised import data_cache, fit_data, load_model, train
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,10 @@ def _conversations(record: dict[str, Any], response: str) -> dict[str, Any]:
     question = f"{IMAGE_PLACEHOLDER}\n{record['question']}" if has_image else record["question"]
     return {"id": record["id"], "image": record.get("image"), "image_bytes": record.get("image_bytes"),
             "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": response}]}
+
+
+def _pair_conversations(record: dict[str, Any]) -> list[list[dict[str, str]]]:
+    return [_conversations(record, record[key])["conversations"] for key in ("chosen", "rejected")]
 
 
 class PairCollator:
@@ -201,13 +205,14 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict[str, Any]:
     parts, stats = [], []
     for path in cfg.data.train:
         ds, st = load_preference(path, cfg.data.image_root, cfg.data.on_bad_record, cfg.data.verify_images,
-                                 cfg.data.limit)
+                                 cfg.data.limit, cache_dir=data_cache(cfg.data, ctx.run_dir))
         parts.append(ds)
         stats.append(st.as_dict())
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     collator = PairCollator(SupervisedCollator(
         ConversationEncoder(processor, template, cfg.data.max_length), cfg.data.image_root,
         teacher=ConversationEncoder(teacher_processor, template, cfg.data.max_length)))
+    dataset, fit = fit_data(dataset, collator.inner, cfg.data, ctx.run_dir, conversations_of=_pair_conversations)
     if cfg.precompute_reference:
         dataset = precompute(dataset, collator, teacher, cfg.average_logps)
         teacher = None
@@ -219,4 +224,4 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict[str, Any]:
     metrics = train(ctx, model, processor, dataset, collator, loss_fn, token_normalised=False)
     if recorder is not None:
         recorder.remove()
-    return {**metrics, "data": stats}
+    return {**metrics, "data": stats, "fit": fit}

@@ -26,7 +26,7 @@ from distill.training.config import DataConfig, ModelInit, Trainability, as_data
 from distill.training.context import StageContext
 from distill.training.kd import KDConfig, TeacherConfig, open_teacher
 from distill.training.moe import RouterRecorder, SparseKDLoss, write_load_heatmap
-from distill.training.supervised import check_packing, load_conversations, load_model, train
+from distill.training.supervised import check_packing, fit_data, load_conversations, load_model, train
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ def run(cfg: SparseImitationConfig, ctx: StageContext) -> dict[str, Any]:
     check_packing(cfg.data.packing, model, teacher)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
-    dataset, stats = load_conversations(cfg.data)
+    dataset, stats = load_conversations(cfg.data, ctx.run_dir)
     collator = build_collator(cfg.data, cfg.kd, processor, teacher_processor)
+    dataset, fit = fit_data(dataset, collator, cfg.data, ctx.run_dir)
     recorder = RouterRecorder(model)
     loss_fn = SparseKDLoss(teacher, cfg.kd, cfg.alpha, recorder, cfg.upcycle.top_k, cfg.aux_coef, cfg.z_coef,
                            cfg.aux_layers)
@@ -105,5 +106,5 @@ def run(cfg: SparseImitationConfig, ctx: StageContext) -> dict[str, Any]:
     png = str(ctx.dir / "expert_load.png")
     if is_main_process():  # this rank's load; every rank's files would race for the same names
         png = write_load_heatmap(load, layers, ctx.dir)["png"]
-    return {**metrics, "data": stats, "params_total": total, "params_active": active, "moe_layers": layers,
+    return {**metrics, "data": stats, "fit": fit, "params_total": total, "params_active": active, "moe_layers": layers,
             "expert_load": load.tolist(), "expert_load_png": png}

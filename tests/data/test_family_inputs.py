@@ -217,3 +217,31 @@ def test_unequal_cuts_keep_the_reply_tokens_both_models_have(families, tiny_worl
     assert 0 < int(s_mask.sum()) == int(t_mask.sum()) < n_student
     kept = batch["labels"][batch["labels"] != IGNORE_INDEX].tolist()
     assert kept == full["labels"][full["labels"] != IGNORE_INDEX].tolist()[: len(kept)]  # the first reply tokens
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_fit_before_training_equals_what_the_collator_does(families, tiny_world, images, name):
+    """The check-time fit (text tokens + each image's expansion width, per size) agrees with the collator's own
+    batches at every max_length: reply tokens kept, and refusal exactly where the collator would cut image tokens."""
+    _, processor = load_vlm(_family(families, tiny_world, name))
+    conversation = [{"from": "human", "value": "Some words first, then a picture <image> here."},
+                    {"from": "gpt", "value": "I see it"}, {"from": "human", "value": "<image>\nAnd this one?"},
+                    {"from": "gpt", "value": "another one, with more words in the reply"}]
+    record = {"id": "f1", "image": ["b.png", "c.png"], "conversations": conversation}
+    full = _encoder(processor)
+    exact = full._layout_from_processor(*full.render_with_spans(to_messages(conversation)),
+                                        [SIZES["b.png"], SIZES["c.png"]])
+    length = len(full.tokenizer(full.render(to_messages(conversation)))["input_ids"]) + exact[1] + 8
+    for max_length in sorted({3, exact[1], exact[1] + 1, exact[0][0] + 2, exact[0][-1], length}):
+        enc = ConversationEncoder(processor, get_template("chatml"), max_length=max_length)
+        fit = enc.fit(conversation, [SIZES["b.png"], SIZES["c.png"]])
+        try:
+            batch = SupervisedCollator(enc, images)([record])
+        except Exception as err:
+            assert fit.image_cut, (max_length, err)
+            continue
+        assert not fit.image_cut, max_length
+        assert fit.kept == int((batch["labels"] != IGNORE_INDEX).sum()), max_length
+    # The fast path covers the families whose image expansion depends on the image's size only; OneVision's depends
+    # on the record's image count too, PaliGemma's processor places image tokens itself: both run the processor.
+    assert full._expansion_is_exact == (name not in ("llava_onevision", "paligemma"))
