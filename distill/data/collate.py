@@ -37,7 +37,15 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
-from distill.data.formats import IMAGE_PLACEHOLDER, DataError, open_image, record_images, resolve_image
+from distill.data.formats import (
+    IMAGE_PLACEHOLDER,
+    DataError,
+    image_store,
+    open_image,
+    read_image_store,
+    record_images,
+    resolve_image,
+)
 from distill.data.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
@@ -106,12 +114,18 @@ def to_messages(conversations: Sequence[dict[str, str]],
 class Fit:
     """A record against ``max_length`` for one model."""
 
-    replies: int
-    """Its reply tokens (the trained tokens)."""
-    kept: int
+    replies: int | None
+    """Its reply tokens (the trained tokens); None for a record too short to be cut (not tokenized)."""
+    kept: int | None
     """Those inside ``max_length``."""
     image_cut: bool
     """``max_length`` would cut image tokens: the record cannot be used."""
+
+
+FITS = Fit(None, None, False)
+"""A record too short to reach ``max_length`` (``ConversationEncoder._surely_fit``)."""
+FIT_SLACK = 4
+"""Tokens per turn the length bound allows beyond the parts' own: merges across a turn's edges, BOS / EOS."""
 
 
 class ConversationEncoder:
@@ -138,6 +152,8 @@ class ConversationEncoder:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         bos = self.tokenizer.bos_token
         self._bos = bos if isinstance(bos, str) and bos else None
+        self._frames: dict[tuple, int | None] = {}
+        """The template's own tokens per conversation shape (``_surely_fit``); None: not bounded."""
 
     # -- rendering -------------------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
@@ -290,18 +306,94 @@ class ConversationEncoder:
     # -- fitting into max_length, before training ------------------------------------------------------------
     def fit(self, conversations: Sequence[dict[str, str]], sizes: Sequence[tuple[int, int]], rid: Any = None
             ) -> Fit:
-        """How a record fits ``max_length`` for this model: its reply tokens, how many are kept, whether image
-        tokens would be cut (what ``encode`` refuses), from the image sizes alone. The text is tokenized as
-        rendered and each image stands for as many tokens as the processor expands one image of that size to
-        (asked once per size); where that is not how this processor builds its inputs (the probe in
-        ``_expansion_is_exact``), the processor is run on blank images of the record's sizes."""
-        text, spans = self.render_with_spans(to_messages(conversations), rid)
-        layout = self._layout_from_text(text, spans, sizes) if self._expansion_is_exact else None
-        if layout is None:
-            layout = self._layout_from_processor(text, spans, sizes)
-        trained, image_end = layout
-        kept = sum(1 for pos in trained if pos < self.max_length)
-        return Fit(len(trained), kept, image_end >= self.max_length)
+        """How a record fits ``max_length`` for this model (``fit_many`` for one record; raises its refusal)."""
+        result = self.fit_many([(conversations, sizes, rid)], bound=False)[0]
+        if isinstance(result, str):
+            raise DataError(result)
+        return result
+
+    def fit_many(self, records: Sequence[tuple[Sequence[dict[str, str]], Sequence[tuple[int, int]], Any]],
+                 bound: bool = True) -> list[Fit | str]:
+        """How each ``(conversations, image sizes, id)`` fits ``max_length`` for this model: its reply tokens, how
+        many are kept, whether image tokens would be cut (what ``encode`` refuses), or why the template or processor
+        refuses it (a string). The texts are rendered and tokenized in one batch, each image standing for as many
+        tokens as the processor expands one image of that size to (asked once per size); where that is not how
+        this processor builds its inputs (the probe in ``_expansion_is_exact``), the processor runs on blank
+        images of the record's sizes, one record at a time. ``bound``: a record too short to be cut is answered
+        ``FITS`` without rendering (``_surely_fit``)."""
+        results: list[Fit | str | None] = [None] * len(records)
+        rendered = {}
+        short = self._surely_fit(records) if bound else [False] * len(records)
+        for i, (conversations, _, rid) in enumerate(records):
+            if short[i]:
+                results[i] = FITS
+                continue
+            try:
+                rendered[i] = self.render_with_spans(to_messages(conversations), rid)
+            except Exception as err:  # the template's refusal, named
+                results[i] = _refusal(err)
+        tokens = self._tokenize({i: text for i, (text, _) in rendered.items()}) if self._expansion_is_exact else {}
+        for i, (text, spans) in rendered.items():
+            sizes = records[i][1]
+            try:
+                layout = self._layout_from_tokens(*tokens[i], spans, sizes) if i in tokens else None
+                if layout is None:
+                    layout = self._layout_from_processor(text, spans, sizes)
+            except Exception as err:  # the processor's own refusal (token / image counts, sizes)
+                results[i] = _refusal(err)
+                continue
+            trained, image_end = layout
+            results[i] = Fit(len(trained), sum(1 for pos in trained if pos < self.max_length),
+                             image_end >= self.max_length)
+        return results
+
+    def _surely_fit(self, records: Sequence[tuple[Sequence[dict[str, str]], Sequence[tuple[int, int]], Any]]
+                    ) -> list[bool]:
+        """Which records are too short to reach ``max_length``: their turns' own tokens (one batch), the template's
+        tokens for a conversation of that shape (roles, images per turn: measured once from a render with
+        one-character contents), each image's expansion, ``FIT_SLACK`` per turn for merges across a turn's edges
+        and tokens added without text. A shape's bound is checked once against a real render (a template that
+        repeats or rewrites contents is never bounded)."""
+        if not self._expansion_is_exact:
+            return [False] * len(records)
+        values = [t["value"].replace(IMAGE_PLACEHOLDER, " ") for conversations, _, _ in records
+                  for t in conversations]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)  # (the Rust batch, without the wrapping)
+        if backend is not None:
+            counts = [len(e.ids) for e in backend.encode_batch(values, add_special_tokens=False)] if values else []
+        else:
+            counts = [len(ids) for ids in self.tokenizer(values, add_special_tokens=False)["input_ids"]]
+        lengths = iter(counts)
+        out = []
+        for conversations, sizes, _ in records:
+            shape = tuple((t["from"], t["value"].count(IMAGE_PLACEHOLDER)) for t in conversations)
+            content = sum(next(lengths) for _ in conversations)
+            frame = self._frame(shape, conversations, content)
+            images = sum(self._expansion(tuple(size)) for size in sizes)
+            out.append(frame is not None and
+                       frame + content + images + FIT_SLACK * (len(conversations) + 1) < self.max_length)
+        return out
+
+    def _frame(self, shape: tuple, conversations: Sequence[dict[str, str]], content: int) -> int | None:
+        if shape not in self._frames:
+            skeleton = [{"from": role, "value": "x" + f"{IMAGE_PLACEHOLDER}x" * n} for role, n in shape]
+            try:
+                frame = len(self._tokenize({0: self.render(to_messages(skeleton))})[0][0])
+                real = len(self._tokenize({0: self.render(to_messages(conversations))})[0][0])
+            except Exception:  # the full check names the refusal
+                return None
+            self._frames[shape] = frame if real <= frame + content + FIT_SLACK * (len(shape) + 1) else None
+        return self._frames[shape]
+
+    def _tokenize(self, texts: dict[int, str]) -> dict[int, tuple[list[int], list[tuple[int, int]]]]:
+        """Token ids and character offsets of each text, as ``encode`` tokenizes it (no second BOS)."""
+        out = {}
+        for add in (True, False):
+            keys = [i for i, t in texts.items() if (self._bos is None or not t.startswith(self._bos)) == add]
+            if keys:
+                enc = self.tokenizer([texts[i] for i in keys], add_special_tokens=add, return_offsets_mapping=True)
+                out.update({i: (enc["input_ids"][n], enc["offset_mapping"][n]) for n, i in enumerate(keys)})
+        return out
 
     def _layout_from_processor(self, text: str, spans: list[tuple[int, int]], sizes: Sequence[tuple[int, int]]
                                ) -> tuple[list[int], int]:
@@ -311,11 +403,10 @@ class ConversationEncoder:
         trained, image = self._token_roles(out, 0, spans)
         return trained.tolist(), int(image.max()) if image.numel() else -1
 
-    def _layout_from_text(self, text: str, spans: list[tuple[int, int]], sizes: Sequence[tuple[int, int]]
-                          ) -> tuple[list[int], int] | None:
-        add = not (self._bos is not None and text.startswith(self._bos))
-        enc = self.tokenizer(text, add_special_tokens=add, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    def _layout_from_tokens(self, ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+                            sizes: Sequence[tuple[int, int]]) -> tuple[list[int], int] | None:
+        """(trained token positions, last image token position or -1) from the text's own tokens, each image's
+        placeholder widened to its expansion; None if the placeholders do not match the images."""
         marks = [i for i, t in enumerate(ids) if t == self._placeholder_id]
         if len(marks) != len(sizes):
             return None
@@ -362,7 +453,9 @@ class ConversationEncoder:
         sizes = [(40, 30), (96, 48)]
         try:
             text, spans = self.render_with_spans(to_messages(conversation))
-            return self._layout_from_text(text, spans, sizes) == self._layout_from_processor(text, spans, sizes)
+            ids, offsets = self._tokenize({0: text})[0]
+            return self._layout_from_tokens(ids, offsets, spans, sizes) == \
+                self._layout_from_processor(text, spans, sizes)
         except Exception:  # a processor that refuses the probe: every record takes the processor path
             return False
 
@@ -501,6 +594,15 @@ def _conversation(record: dict[str, Any]) -> list[Sequence[dict[str, str]]]:
     return [record["conversations"]]
 
 
+def _refusal(err: Exception) -> str:
+    if isinstance(err, DataError):
+        return str(err).split(": ", 1)[1] if str(err).startswith("record ") else str(err)
+    return f"refused by the processor: {type(err).__name__}: {err}"
+
+
+FIT_BATCH = 512  # records rendered and tokenized together
+
+
 def check_fit(
     dataset: Any,
     encoders: dict[str, ConversationEncoder],
@@ -514,48 +616,68 @@ def check_fit(
     image tokens ``max_length`` would cut, whose replies it cuts away entirely (it would train on nothing), or that
     a model's template or processor refuses is an error naming it (``on_bad_record=error``) or is skipped and
     counted (``skip``). Records that lose part of their replies are kept and counted. Returns the usable records
-    and a report; with ``cache_dir`` the answer is kept for this dataset and these models and reused."""
-    key = None
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        key = Path(cache_dir) / f"fit-{_fit_key(dataset, encoders)}.json"
-        if key.is_file():
-            saved = json.loads(key.read_text())
-            return _apply_fit(dataset, {int(i): r for i, r in saved["refused"].items()}, saved["report"],
-                              on_bad_record, source)
-    sizes = _ImageSizes(image_root)
+    and a report. With ``cache_dir`` each model's answers for this dataset are kept there and reused (the stages
+    of a run that share data and a processor check it once)."""
+    sizes = _ImageSizes(image_root, cache_dir)
+    per_model = {name: _fits(dataset, encoder, sizes, conversations_of, cache_dir)
+                 for name, encoder in encoders.items()}
     refused: dict[int, str] = {}
     report = Counter()
-    for idx, record in enumerate(dataset):
-        rid = record.get("id")
+    for idx in range(len(dataset)):
         lost = 0
-        try:
-            shapes = [sizes(path, data) for path, data in record_images(record)]
-            for conversation in conversations_of(record):
-                for name, encoder in encoders.items():
-                    fit = encoder.fit(conversation, shapes, rid)
-                    if fit.image_cut:
-                        raise DataError(f"max_length={encoder.max_length} would cut the {name}'s image tokens")
-                    if fit.kept == 0:
-                        raise DataError(f"max_length={encoder.max_length} leaves the {name} no reply token (all "
-                                        f"{fit.replies} lie beyond it: the record would train on nothing)")
-                    lost = max(lost, fit.replies - fit.kept)
-                    report["reply_tokens"] += fit.replies if name == next(iter(encoders)) else 0
-        except DataError as err:
-            refused[idx] = str(err)
-            continue
-        except Exception as err:  # a processor's own refusal (token / image counts), with the record named
-            refused[idx] = f"refused by the processor: {type(err).__name__}: {err}"
-            continue
-        if lost:
+        for name, fits in per_model.items():
+            max_length = encoders[name].max_length
+            for replies, kept, image_cut, error in fits[idx]:
+                if replies is None and error is None:  # too short to be cut
+                    continue
+                if error is not None:
+                    refused.setdefault(idx, f"{error} ({name})")
+                elif image_cut:
+                    refused.setdefault(idx, f"max_length={max_length} would cut the {name}'s image tokens")
+                elif kept == 0:
+                    refused.setdefault(idx, f"max_length={max_length} leaves the {name} no reply token (all "
+                                            f"{replies} lie beyond it: the record would train on nothing)")
+                else:
+                    lost = max(lost, replies - kept)
+        if lost and idx not in refused:
             report["records_cut"] += 1
             report["reply_tokens_cut"] += lost
-    report = {"records": len(dataset), **report}
-    if key is not None:
-        tmp = key.with_name(f"{key.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"refused": refused, "report": report}))
-        os.replace(tmp, key)
-    return _apply_fit(dataset, refused, report, on_bad_record, source)
+    return _apply_fit(dataset, refused, {"records": len(dataset), **report}, on_bad_record, source)
+
+
+def _fits(dataset: Any, encoder: ConversationEncoder, sizes: _ImageSizes,
+          conversations_of: Callable[[dict[str, Any]], list[Sequence[dict[str, str]]]],
+          cache_dir: str | Path | None) -> list[list[tuple[int, int, bool, str | None]]]:
+    """Per record, per conversation: (reply tokens, kept, image tokens cut, refusal or None) for one model."""
+    path = None
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(cache_dir) / f"fit-{_fit_key(dataset, encoder, conversations_of)}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    fits: list[list[tuple[int, int, bool, str | None]]] = []
+    for start in range(0, len(dataset), FIT_BATCH):
+        rows = dataset[start:start + FIT_BATCH]
+        records = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        items, owners = [], []
+        for n, record in enumerate(records):
+            fits.append([])
+            try:
+                shapes = [sizes(path_, data) for path_, data in record_images(record)]
+            except Exception as err:
+                fits[-1].append((0, 0, False, f"cannot read its image: {err}"))
+                continue
+            for conversation in conversations_of(record):
+                items.append((conversation, shapes, record.get("id")))
+                owners.append(start + n)
+        for owner, result in zip(owners, encoder.fit_many(items)):
+            fits[owner].append((0, 0, False, result) if isinstance(result, str) else
+                               (result.replies, result.kept, result.image_cut, None))
+    if path is not None:
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(fits, separators=(",", ":")))
+        os.replace(tmp, path)
+    return fits
 
 
 def _apply_fit(dataset: Any, refused: dict[int, str], report: dict[str, Any], on_bad_record: str, source: str
@@ -565,8 +687,8 @@ def _apply_fit(dataset: Any, refused: dict[int, str], report: dict[str, Any], on
         raise DataError(f"{source}: record {dataset[idx].get('id')}: {reason}; raise data.max_length, or set "
                         f"data.on_bad_record=skip to skip such records ({len(refused)} of {len(dataset)})")
     if report.get("records_cut"):
-        log.warning("%s: data.max_length cuts the replies of %d of %d records (%d of %d reply tokens lost)", source,
-                    report["records_cut"], report["records"], report["reply_tokens_cut"], report["reply_tokens"])
+        log.warning("%s: data.max_length cuts the replies of %d of %d records (%d reply tokens lost in all)", source,
+                    report["records_cut"], report["records"], report["reply_tokens_cut"])
     if not refused:
         return dataset, {**report, "refused": 0}
     reasons = Counter(reason.split(" (")[0].split(";")[0] for reason in refused.values())
@@ -578,23 +700,22 @@ def _apply_fit(dataset: Any, refused: dict[int, str], report: dict[str, Any], on
     return dataset.select(keep), {**report, "refused": len(refused), "refused_reasons": dict(reasons)}
 
 
-def _fit_key(dataset: Any, encoders: dict[str, ConversationEncoder]) -> str:
-    parts = [getattr(dataset, "_fingerprint", None) or str(id(dataset))]
-    for name, encoder in sorted(encoders.items()):
-        tokenizer = encoder.tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        parts += [name, encoder.max_length, encoder.train_on, encoder.chat_template,
-                  type(encoder.processor).__name__, encoder.processor.to_json_string(),
-                  backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)]
+def _fit_key(dataset: Any, encoder: ConversationEncoder, conversations_of: Callable) -> str:
+    tokenizer = encoder.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [getattr(dataset, "_fingerprint", None) or str(id(dataset)), conversations_of.__qualname__,
+             encoder.max_length, encoder.train_on, encoder.chat_template, type(encoder.processor).__name__,
+             encoder.processor.to_json_string(),
+             backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
-
-
 class _ImageSizes:
-    """(width, height) of each image from its header, once per file."""
+    """(width, height) of each image from its header, once per file, or from the loader's record of the files it
+    checked (``formats.image_store``: a stat instead of opening the file)."""
 
-    def __init__(self, image_root: str | Path | None) -> None:
+    def __init__(self, image_root: str | Path | None, cache_dir: str | Path | None = None) -> None:
         self.root = Path(image_root) if image_root is not None else None
         self.known: dict[str, tuple[int, int]] = {}
+        self.checked = read_image_store(image_store(cache_dir, self.root)) if cache_dir and self.root else {}
 
     def __call__(self, path: str | None, data: bytes | None) -> tuple[int, int]:
         if data is not None:
@@ -603,6 +724,13 @@ class _ImageSizes:
         if path not in self.known:
             if self.root is None:
                 raise DataError(f"record has image {path!r} but no image folder is configured")
-            with Image.open(resolve_image(self.root, path)) as im:
+            file = resolve_image(self.root, path)
+            entry = self.checked.get(path)
+            if entry and len(entry) == 4:
+                stat = os.stat(file)
+                if entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+                    self.known[path] = (entry[2], entry[3])
+                    return self.known[path]
+            with Image.open(file) as im:
                 self.known[path] = im.size
         return self.known[path]

@@ -128,11 +128,13 @@ def _plain_files(folder: Path | str, prefix: str = "") -> Iterator[str]:
                 yield prefix + entry.name
 
 
-def _verify_image(image: str | None, image_bytes: bytes | None = None, path: Path | None = None) -> None:
-    """Decode the image's header and check its structure (catches truncated and non-image files)."""
+def _verify_image(image: str | None, image_bytes: bytes | None = None, path: Path | None = None
+                  ) -> tuple[int, int]:
+    """Decode the image's header and check its structure (catches truncated and non-image files); its size."""
     try:
         with Image.open(io.BytesIO(image_bytes) if image_bytes is not None else path) as im:
             im.verify()
+            return im.size
     except Exception as err:  # PIL raises several types for unreadable files
         raise DataError(f"image {image!r} is unreadable: {err}") from err
 
@@ -185,6 +187,18 @@ def record_images(record: dict[str, Any]) -> list[tuple[str | None, bytes | None
     return [(path, None) for path in image_list(record.get("image"))]
 
 
+def image_store(cache_dir: Path, root: Path) -> Path:
+    """The file remembering an image folder's checked files: ``{path: [bytes, mtime_ns, width, height]}``."""
+    return Path(cache_dir) / f"images-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]}.json"
+
+
+def read_image_store(store: Path) -> dict[str, list[int]]:
+    try:
+        return json.loads(store.read_text()) if store.is_file() else {}
+    except (OSError, ValueError):  # a damaged cache is only a slower load
+        return {}
+
+
 class ImageChecks:
     """Each unique image file checked once: within a load (records sharing an image cost a dict lookup) and, with a
     cache folder, across loads (a verified file is remembered by its path, size and modification time, so a changed
@@ -198,13 +212,8 @@ class ImageChecks:
         self.known: dict[str, list[int]] = {}
         self.added: dict[str, list[int]] = {}
         if cache_dir is not None and root is not None and verify:
-            digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-            self.store = cache_dir / f"images-{digest}.json"
-            if self.store.is_file():
-                try:
-                    self.known = json.loads(self.store.read_text())
-                except (OSError, ValueError):  # a damaged cache is only a slower load
-                    self.known = {}
+            self.store = image_store(cache_dir, root)
+            self.known = read_image_store(self.store)
 
     def check(self, image: str) -> None:
         if image not in self.results:
@@ -231,21 +240,15 @@ class ImageChecks:
         if stat is None or not S_ISREG(stat.st_mode):
             raise DataError(f"image {image!r} not found under {self.root}")
         key = [stat.st_size, stat.st_mtime_ns]
-        if self.known.get(image) != key:
-            _verify_image(image, path=path)
-            self.added[image] = key
+        if self.known.get(image, [])[:2] != key:
+            self.added[image] = key + list(_verify_image(image, path=path))
 
     def save(self) -> None:
         """Add this load's newly verified files to the cache (merged with what other processes wrote meanwhile)."""
         if self.store is None or not self.added:
             return
         with FileLock(str(self.store) + ".lock"):
-            known = {}
-            if self.store.is_file():
-                try:
-                    known = json.loads(self.store.read_text())
-                except (OSError, ValueError):
-                    known = {}
+            known = read_image_store(self.store)
             known.update(self.added)
             tmp = self.store.with_name(f"{self.store.name}.tmp-{os.getpid()}")
             tmp.write_text(json.dumps(known, separators=(",", ":")))

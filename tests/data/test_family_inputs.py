@@ -235,6 +235,8 @@ def test_fit_before_training_equals_what_the_collator_does(families, tiny_world,
     for max_length in sorted({3, exact[1], exact[1] + 1, exact[0][0] + 2, exact[0][-1], length}):
         enc = ConversationEncoder(processor, get_template("chatml"), max_length=max_length)
         fit = enc.fit(conversation, [SIZES["b.png"], SIZES["c.png"]])
+        if enc._surely_fit([(conversation, [SIZES["b.png"], SIZES["c.png"]], "f1")])[0]:  # the bound is sound
+            assert not fit.image_cut and fit.kept == fit.replies, max_length
         try:
             batch = SupervisedCollator(enc, images)([record])
         except Exception as err:
@@ -245,3 +247,5 @@ def test_fit_before_training_equals_what_the_collator_does(families, tiny_world,
     # The fast path covers the families whose image expansion depends on the image's size only; OneVision's depends
     # on the record's image count too, PaliGemma's processor places image tokens itself: both run the processor.
     assert full._expansion_is_exact == (name not in ("llava_onevision", "paligemma"))
+    roomy = ConversationEncoder(processor, get_template("chatml"), max_length=2 * length + 64)
+    assert roomy._surely_fit([(conversation, [SIZES["b.png"], SIZES["c.png"]], "f1")])[0] == full._expansion_is_exact

@@ -64,7 +64,7 @@ def test_refusals_are_known_before_training(tiny_artifacts, tiny_world, data, tm
     assert labelled.tolist()[0] > 0 and report["reply_tokens_cut"] == enc.fit(ds[3]["conversations"],
                                                                                [size]).replies - int(labelled[1])
 
-    monkeypatch.setattr(ConversationEncoder, "fit", lambda *a, **k: pytest.fail("not reused"))
+    monkeypatch.setattr(ConversationEncoder, "fit_many", lambda *a, **k: pytest.fail("not reused"))
     again, cached = check_fit(ds, {"student": enc}, tiny_world["images"], "skip", str(data), cache_dir=tmp_path / "c")
     assert again["id"] == kept["id"] and cached == report
 
@@ -81,3 +81,26 @@ def test_a_strict_stage_stops_before_its_first_step(tiny_world, data, tmp_path, 
     cfg.data.on_bad_record = "skip"
     metrics = cfg.run(StageContext(name="adapter_init", run_dir=tmp_path / "skip", training=cfg.training))
     assert metrics["global_step"] == 4 and metrics["fit"]["refused"] == 2 and metrics["fit"]["records"] == 5
+
+
+@pytest.mark.parametrize("max_length", [32, 64, 96])
+def test_records_skipped_by_the_length_bound_are_those_that_fit(tiny_artifacts, tiny_world, max_length):
+    """The check tokenizes only records that could reach max_length: on the world's data it refuses and counts
+    exactly what the record-by-record exact fit does."""
+    _, processor = load_vlm(tiny_artifacts / "student")
+    enc = ConversationEncoder(processor, get_template("chatml"), max_length)
+    ds, _ = load_llava_json(tiny_world["data"] / "instruct.json", tiny_world["images"])
+    kept, report = check_fit(ds, {"student": enc}, tiny_world["images"], "skip", "instruct")
+    exact_refused, exact_cut, bounded = [], 0, 0
+    for record in ds:
+        sizes = [Image.open(tiny_world["images"] / p).size for p in record["images"]]
+        fit = enc.fit(record["conversations"], sizes)
+        bounded += enc._surely_fit([(record["conversations"], sizes, None)])[0]
+        if fit.image_cut or fit.kept == 0:
+            exact_refused.append(record["id"])
+        elif fit.kept < fit.replies:
+            exact_cut += 1
+    assert sorted(set(ds["id"]) - set(kept["id"])) == sorted(exact_refused)
+    assert report.get("records_cut", 0) == exact_cut
+    # each setting exercises the paths it is for: refusals and cuts (32), cuts (64), records the bound passes (96)
+    assert {32: exact_refused and exact_cut, 64: exact_cut and not bounded, 96: 0 < bounded < len(ds)}[max_length]
