@@ -28,6 +28,7 @@ test-gpu: install
 
 demo: install
 	$(BIN)/python -m distill recipe=demo
+	$(BIN)/python -m eval.readme_numbers runs/demo --warn
 
 lint: install
 	$(BIN)/ruff check .
