@@ -50,9 +50,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from distill.data.collate import ConversationEncoder, SupervisedCollator
+from distill.data.collate import ConversationEncoder, SupervisedCollator, check_fit
 from distill.data.templates import get_template
 from distill.losses.kd import _log1mexp, shifted_response_mask
+from distill.models.processors import load_processor
 from distill.models.teacher import load_teacher
 from distill.training.config import DataConfig
 from distill.training.kd import CACHE_FORMAT, MANIFEST, last_hidden, split_inputs
@@ -183,6 +184,12 @@ def build_teacher_cache(cfg: TeacherCacheConfig, max_new_shards: int | None = No
     data = DataConfig(train=cfg.data, image_root=cfg.image_root, template=cfg.template, max_length=cfg.max_length,
                       limit=cfg.limit, cache_dir=cfg.data_cache)
     dataset, _ = load_conversations(data, run_dir=None)
+    # Records the teacher cannot take at this max_length (image tokens cut, replies cut away) are left out, as the
+    # imitation stage's own check leaves them out of training (the same processor and max_length, checked there).
+    encoder = ConversationEncoder(load_processor(cfg.teacher), get_template(cfg.template), cfg.max_length,
+                                  train_on=cfg.train_on)
+    dataset, _ = check_fit(dataset, {"teacher": encoder}, cfg.image_root, "skip", ", ".join(cfg.data),
+                           cache_dir=cfg.data_cache)
     ids = _record_ids(dataset)
     n_shards = (len(ids) + cfg.records_per_shard - 1) // cfg.records_per_shard
     names = [f"shard-{i:05d}.safetensors" for i in range(n_shards)]

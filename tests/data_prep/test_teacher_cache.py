@@ -131,3 +131,16 @@ def test_d2d_trains_from_a_cache(tiny_world, artifacts, caches, tmp_path, cpu_tr
             StageContext(name="t2", run_dir=tmp_path, training=cpu_training))
     with pytest.raises(ValueError, match="exactly one"):
         ImitationConfig(model={"artifact": str(artifacts / "student")}, teacher={}, data=data)
+
+
+def test_records_the_teacher_cannot_take_are_left_out_of_the_cache(tiny_world, artifacts, tmp_path):
+    records = json.loads((tiny_world["data"] / "instruct.json").read_text())[:6]
+    late = {**records[0], "id": "late-image", "conversations": [
+        {"from": "human", "value": " ".join(["word"] * 200) + "\n<image>\nWhat is it?"},
+        {"from": "gpt", "value": "a shape"}]}
+    (tmp_path / "d.json").write_text(json.dumps(records + [late]))
+    cfg = _cache_cfg(tiny_world, artifacts, tmp_path / "cache", max_length=128)
+    cfg.data = [str(tmp_path / "d.json")]
+    build_teacher_cache(cfg)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["records"] == 6  # the collator would have stopped the build on the seventh
