@@ -24,7 +24,9 @@ class DataConfig:
     on_bad_record: str = "error"
     """``error``: stop at the first bad record, naming file and record; ``skip``: skip it and count it."""
     verify_images: bool = True
-    """Decode every image once at load time (catches truncated files before training starts)."""
+    """Open every image once when a file is first read (its header and structure: catches missing, empty and
+    non-image files before training); a file checked once is remembered by path, size and modification time.
+    False: only check that each file exists."""
     limit: int | None = None
     """Read at most this many records per file (quick runs)."""
     cache_dir: str | None = None
