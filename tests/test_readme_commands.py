@@ -27,7 +27,7 @@ def shell_blocks() -> list[str]:
             if lines is None:
                 lines, language = [], line[3:].strip()
             else:
-                if language in ("", "bash", "sh"):
+                if language in ("bash", "sh", "shell", "console"):
                     blocks.append("\n".join(lines))
                 lines = None
         elif lines is not None:
@@ -68,6 +68,12 @@ def overrides_of(command: str) -> list[list[str]]:
         values = value.split(",") if "," in value and not value.startswith(("[", "{")) else [value]
         points = [p + [f"{key}={v}" if _ else arg] for p in points for v in values]
     return points
+
+
+def test_every_code_block_says_its_language():
+    """A block without a language would be skipped here; the README marks each (bash, text, yaml, ...)."""
+    fences = [line for line in README.read_text().splitlines() if line.startswith("```")]
+    assert all(f.strip() != "```" for f in fences[0::2])
 
 
 def test_the_readme_has_the_commands_this_test_reads():

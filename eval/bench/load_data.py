@@ -18,6 +18,10 @@ read by worker processes, one per CPU up to 8, whose largest peak RSS is ``worke
   is read and checked again; images already checked are not opened again);
 - ``cached``: the data cache is reused (memory-mapped Arrow file; nothing parsed or checked).
 
+``--fit-model DIR`` adds the per-stage fit check (``distill.data.collate.check_fit``) with that model's processor
+at ``--max-length`` on the loaded records: ``fit cold`` (nothing cached but the loader's image record) and ``fit
+cached``, seconds in the same columns.
+
     python -m eval.bench.load_data --records 66500 --workdir /tmp/llava_bench --header
     python -m eval.bench.load_data --records 665000 --workdir /tmp/llava_bench
 """
@@ -97,14 +101,23 @@ def build(workdir: Path, records: int, unique_images: int) -> tuple[Path, Path]:
     return data, root
 
 
-def child(data: str, root: str, cache: str) -> None:
-    """One measurement, in its own process: import, load, report seconds and peak RSS as JSON."""
+def child(data: str, root: str, cache: str, fit_model: str = "", max_length: str = "2048") -> None:
+    """One measurement, in its own process: import, load (and fit), report seconds and peak RSS as JSON."""
     from distill.data.formats import load_llava_json
 
     import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
     ds, stats = load_llava_json(data, root, cache_dir=cache)
     seconds = time.perf_counter() - start
+    if fit_model:
+        from distill.data.collate import ConversationEncoder, check_fit
+        from distill.data.templates import get_template
+        from distill.models.processors import load_processor
+
+        encoder = ConversationEncoder(load_processor(fit_model), get_template("chatml"), int(max_length))
+        start = time.perf_counter()
+        check_fit(ds, {"student": encoder}, root, "skip", data, cache_dir=cache)
+        seconds = time.perf_counter() - start
     assert len(ds) == stats.kept == stats.total, stats.as_dict()
     last = ds[len(ds) - 1]  # the rows read back
     assert last["conversations"] and isinstance(last["images"], list)
@@ -113,8 +126,9 @@ def child(data: str, root: str, cache: str) -> None:
                       "import_gb": import_rss, "records": len(ds)}))
 
 
-def measure(data: Path, root: Path, cache: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "eval.bench.load_data", "--child", str(data), str(root), str(cache)],
+def measure(data: Path, root: Path, cache: Path, *fit: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "eval.bench.load_data", "--child", str(data), str(root), str(cache),
+                          *fit],
                          check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -125,7 +139,9 @@ def main() -> None:
     parser.add_argument("--unique-images", type=int, default=None, help="default: records // 2")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/distill_load_bench"))
     parser.add_argument("--header", action="store_true")
-    parser.add_argument("--child", nargs=3, metavar=("DATA", "ROOT", "CACHE"), help=argparse.SUPPRESS)
+    parser.add_argument("--fit-model", help="also time the fit check with this model's processor")
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -138,6 +154,9 @@ def main() -> None:
     os.utime(data)  # a changed file: read and checked again, its images not opened again
     runs["new file"] = measure(data, root, cache)
     runs["cached"] = measure(data, root, cache)
+    if args.fit_model:
+        runs["fit cold"] = measure(data, root, cache, args.fit_model, str(args.max_length))
+        runs["fit cached"] = measure(data, root, cache, args.fit_model, str(args.max_length))
     if args.header:
         print("| records | file GB | unique images | run | seconds | peak RSS GB | worker peak GB | import GB |")
         print("|---:|---:|---:|---|---:|---:|---:|---:|")
