@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from PIL import Image
 from transformers import ProcessorMixin
 
@@ -648,19 +649,33 @@ def check_fit(
 def _fits(dataset: Any, encoder: ConversationEncoder, sizes: _ImageSizes,
           conversations_of: Callable[[dict[str, Any]], list[Sequence[dict[str, str]]]],
           cache_dir: str | Path | None) -> list[list[tuple[int, int, bool, str | None]]]:
-    """Per record, per conversation: (reply tokens, kept, image tokens cut, refusal or None) for one model."""
-    path = None
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        path = Path(cache_dir) / f"fit-{_fit_key(dataset, encoder, conversations_of)}.json"
+    """Per record, per conversation: (reply tokens, kept, image tokens cut, refusal or None) for one model. With a
+    cache folder, the first process of a launch computes it while the others wait for its file. (Parallel parts in
+    spawned processes were tried: on 2 CPUs, 66.5k records took 41.7 s against 26.3 s in one process, the
+    workers' imports and set-up costing more than they saved.)"""
+    if cache_dir is None:
+        return _fit_range(dataset, 0, len(dataset), encoder, sizes, conversations_of)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(cache_dir) / f"fit-{_fit_key(dataset, encoder, conversations_of)}.json"
+    with FileLock(str(path) + ".lock"):
         if path.is_file():
             return json.loads(path.read_text())
+        fits = _fit_range(dataset, 0, len(dataset), encoder, sizes, conversations_of)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(fits, separators=(",", ":")))
+        os.replace(tmp, path)
+    return fits
+
+
+def _fit_range(dataset: Any, lo: int, hi: int, encoder: ConversationEncoder, sizes: _ImageSizes,
+               conversations_of: Callable[[dict[str, Any]], list[Sequence[dict[str, str]]]]
+               ) -> list[list[tuple[int, int, bool, str | None]]]:
     fits: list[list[tuple[int, int, bool, str | None]]] = []
-    for start in range(0, len(dataset), FIT_BATCH):
-        rows = dataset[start:start + FIT_BATCH]
+    for start in range(lo, hi, FIT_BATCH):
+        rows = dataset[start:min(start + FIT_BATCH, hi)]
         records = [dict(zip(rows, values)) for values in zip(*rows.values())]
         items, owners = [], []
-        for n, record in enumerate(records):
+        for record in records:
             fits.append([])
             try:
                 shapes = [sizes(path_, data) for path_, data in record_images(record)]
@@ -669,14 +684,10 @@ def _fits(dataset: Any, encoder: ConversationEncoder, sizes: _ImageSizes,
                 continue
             for conversation in conversations_of(record):
                 items.append((conversation, shapes, record.get("id")))
-                owners.append(start + n)
+                owners.append(len(fits) - 1)
         for owner, result in zip(owners, encoder.fit_many(items)):
             fits[owner].append((0, 0, False, result) if isinstance(result, str) else
                                (result.replies, result.kept, result.image_cut, None))
-    if path is not None:
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(fits, separators=(",", ":")))
-        os.replace(tmp, path)
     return fits
 
 
