@@ -183,7 +183,7 @@ def build_teacher_cache(cfg: TeacherCacheConfig, max_new_shards: int | None = No
 
     data = DataConfig(train=cfg.data, image_root=cfg.image_root, template=cfg.template, max_length=cfg.max_length,
                       limit=cfg.limit, cache_dir=cfg.data_cache)
-    dataset, _ = load_conversations(data, run_dir=None)
+    dataset, _ = load_conversations(data, cache_base=None)
     # Records the teacher cannot take at this max_length (image tokens cut, replies cut away) are left out, as the
     # imitation stage's own check leaves them out of training (the same processor and max_length, checked there).
     encoder = ConversationEncoder(load_processor(cfg.teacher), get_template(cfg.template), cfg.max_length,

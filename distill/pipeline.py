@@ -239,7 +239,8 @@ def run_pipeline(cfg: DictConfig, shared_roots: list[Path] | None = None) -> dic
         set_seed(cfg.seed)
         stage = instantiate(block, _convert_="all")
         ctx = StageContext(name=name, run_dir=run_dir, training=getattr(stage, "training", {}),
-                           report_to=OmegaConf.to_container(cfg.trainer, resolve=True).get("report_to"))
+                           report_to=OmegaConf.to_container(cfg.trainer, resolve=True).get("report_to"),
+                           cache_root=shared_roots[0] if shared_roots else None)
         stage_dir.mkdir(parents=True, exist_ok=True)
         if main:
             write_atomic(stage_dir / "config.yaml", OmegaConf.to_yaml(block, resolve=True))

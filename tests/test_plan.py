@@ -126,6 +126,9 @@ def test_a_sweep_gives_each_point_its_teacher_and_shares_the_world(tmp_path, tin
     a, b = (load_file(p / "teacher" / "model" / "model.safetensors") for p in points)
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert {(p / "overrides.txt").read_text().count("learning_rate=0.0") for p in points} == {1}
+    # The points read the same (linked) data files: checked once, in the base run folder's cache.
+    assert not any((p / "cache").exists() for p in points)
+    assert len(list((tmp_path / "cache" / "data").glob("captions-*/stats.json"))) == 1
 
 
 def test_redoing_a_linked_stage_removes_only_the_link(tmp_path):

@@ -72,8 +72,8 @@ def run(cfg: ImitationConfig, ctx: StageContext) -> dict[str, Any]:
     check_packing(cfg.data.packing, model, teacher)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
-    dataset, stats = load_conversations(cfg.data, ctx.run_dir)
+    dataset, stats = load_conversations(cfg.data, ctx.cache_base)
     collator = build_collator(cfg.data, cfg.kd, processor, teacher_processor)
-    dataset, fit = fit_data(dataset, collator, cfg.data, ctx.run_dir)
+    dataset, fit = fit_data(dataset, collator, cfg.data, ctx.cache_base)
     metrics = train(ctx, model, processor, dataset, collator, KDLoss(teacher, cfg.kd, cfg.alpha))
     return {**metrics, "data": stats, "fit": fit}

@@ -205,14 +205,14 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict[str, Any]:
     parts, stats = [], []
     for path in cfg.data.train:
         ds, st = load_preference(path, cfg.data.image_root, cfg.data.on_bad_record, cfg.data.verify_images,
-                                 cfg.data.limit, cache_dir=data_cache(cfg.data, ctx.run_dir))
+                                 cfg.data.limit, cache_dir=data_cache(cfg.data, ctx.cache_base))
         parts.append(ds)
         stats.append(st.as_dict())
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     collator = PairCollator(SupervisedCollator(
         ConversationEncoder(processor, template, cfg.data.max_length), cfg.data.image_root,
         teacher=ConversationEncoder(teacher_processor, template, cfg.data.max_length)))
-    dataset, fit = fit_data(dataset, collator.inner, cfg.data, ctx.run_dir, conversations_of=_pair_conversations)
+    dataset, fit = fit_data(dataset, collator.inner, cfg.data, ctx.cache_base, conversations_of=_pair_conversations)
     if cfg.precompute_reference:
         dataset = precompute(dataset, collator, teacher, cfg.average_logps)
         teacher = None

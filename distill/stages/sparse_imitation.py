@@ -93,9 +93,9 @@ def run(cfg: SparseImitationConfig, ctx: StageContext) -> dict[str, Any]:
     check_packing(cfg.data.packing, model, teacher)
     apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
-    dataset, stats = load_conversations(cfg.data, ctx.run_dir)
+    dataset, stats = load_conversations(cfg.data, ctx.cache_base)
     collator = build_collator(cfg.data, cfg.kd, processor, teacher_processor)
-    dataset, fit = fit_data(dataset, collator, cfg.data, ctx.run_dir)
+    dataset, fit = fit_data(dataset, collator, cfg.data, ctx.cache_base)
     recorder = RouterRecorder(model)
     loss_fn = SparseKDLoss(teacher, cfg.kd, cfg.alpha, recorder, cfg.upcycle.top_k, cfg.aux_coef, cfg.z_coef,
                            cfg.aux_layers)

@@ -32,7 +32,8 @@ class DataConfig:
     cache_dir: str | None = None
     """Where each file's checked records are kept as a memory-mapped Arrow file, reused while the file and these
     settings are unchanged, and shared by the processes of a launch (one parses and checks, the others wait and
-    map it). None: ``<run.dir>/cache/data``. Point several runs at one folder to check a large file once."""
+    map it). None: ``<run.dir>/cache/data`` (a sweep's points share the base run folder's). Point several runs at
+    one folder to check a large file once."""
     packing: bool = False
     """Concatenate each micro-batch's records into one row without padding (per-record ``position_ids``; attention
     stays inside each record). Same loss as padded batches; pays off where padding is a large share of the batch and

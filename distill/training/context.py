@@ -16,6 +16,14 @@ class StageContext:
     """TrainingArguments kwargs: the recipe's ``trainer`` defaults merged with the stage's ``training``."""
     report_to: str | list[str] | None = None
     """The recipe's ``trainer.report_to``, for stages that log without a Trainer (eval)."""
+    cache_root: Path | None = None
+    """Where checked data is kept when ``data.cache_dir`` is unset (``<cache_root>/cache/data``); None: the run
+    folder. A sweep's points share their base run folder's, so a file is checked once for the whole sweep."""
+
+    @property
+    def cache_base(self) -> Path:
+        """The folder whose ``cache/data`` keeps checked data by default."""
+        return self.cache_root if self.cache_root is not None else self.run_dir
 
     @property
     def dir(self) -> Path:

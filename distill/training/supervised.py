@@ -50,25 +50,26 @@ def check_packing(packing: bool, *models: Any) -> None:
                              "which a packed row's per-record 1-D positions cannot carry; set data.packing=false")
 
 
-def data_cache(data: DataConfig, run_dir: str | Path | None) -> Path | None:
-    """``data.cache_dir``, else the run's ``cache/data``; None (records kept in memory) outside a run."""
+def data_cache(data: DataConfig, cache_base: str | Path | None) -> Path | None:
+    """``data.cache_dir``, else ``<cache_base>/cache/data`` (the run folder; a sweep's base folder); None (records
+    kept in memory) outside a run."""
     if data.cache_dir is not None:
         return Path(data.cache_dir)
-    return Path(run_dir) / "cache" / "data" if run_dir is not None else None
+    return Path(cache_base) / "cache" / "data" if cache_base is not None else None
 
 
-def load_conversations(data: DataConfig, run_dir: str | Path | None) -> tuple[Dataset, list[dict[str, Any]]]:
+def load_conversations(data: DataConfig, cache_base: str | Path | None) -> tuple[Dataset, list[dict[str, Any]]]:
     parts, stats = [], []
     for path in data.train:
         ds, st = load_llava_json(path, data.image_root, data.on_bad_record, data.verify_images, data.limit,
-                                 cache_dir=data_cache(data, run_dir))
+                                 cache_dir=data_cache(data, cache_base))
         parts.append(ds)
         stats.append(st.as_dict())
         log.info("%s: %d records kept of %d", path, st.kept, st.total)
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0], stats
 
 
-def fit_data(dataset: Dataset, collator: SupervisedCollator, data: DataConfig, run_dir: str | Path,
+def fit_data(dataset: Dataset, collator: SupervisedCollator, data: DataConfig, cache_base: str | Path,
              conversations_of: Any = None) -> tuple[Dataset, dict[str, Any]]:
     """The records every model of the stage can be trained on at ``data.max_length`` (``check_fit``), known before
     the first step: strict mode stops here, skip mode drops and counts them."""
@@ -77,7 +78,7 @@ def fit_data(dataset: Dataset, collator: SupervisedCollator, data: DataConfig, r
         encoders["teacher"] = collator.teacher
     extra = {"conversations_of": conversations_of} if conversations_of is not None else {}
     return check_fit(dataset, encoders, data.image_root, data.on_bad_record, ", ".join(data.train),
-                     cache_dir=data_cache(data, run_dir), **extra)
+                     cache_dir=data_cache(data, cache_base), **extra)
 
 
 def ce_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
@@ -152,9 +153,9 @@ def supervised_stage(
     check_packing(data.packing, model)
     apply_trainability(model, modes, trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
-    dataset, stats = load_conversations(data, ctx.run_dir)
+    dataset, stats = load_conversations(data, ctx.cache_base)
     encoder = ConversationEncoder(processor, template, data.max_length, train_on=train_on)
     collator = SupervisedCollator(encoder, data.image_root, packed=data.packing)
-    dataset, fit = fit_data(dataset, collator, data, ctx.run_dir)
+    dataset, fit = fit_data(dataset, collator, data, ctx.cache_base)
     metrics = train(ctx, model, processor, dataset, collator, ce_loss)
     return {**metrics, "data": stats, "fit": fit}
