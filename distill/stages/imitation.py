@@ -19,11 +19,11 @@ from typing import Any
 
 from distill.data.collate import ConversationEncoder, SupervisedCollator
 from distill.data.templates import default_chat_template, get_template
-from distill.models.trainable import apply_trainability, parameter_table
-from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass
+from distill.models.trainable import parameter_table
+from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass, check_precision
 from distill.training.context import StageContext
 from distill.training.kd import KDConfig, KDLoss, TeacherConfig, open_teacher
-from distill.training.supervised import check_packing, fit_data, load_conversations, load_model, train
+from distill.training.supervised import check_packing, fit_data, load_conversations, load_model, set_trainable, train
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class ImitationConfig:
 
     def __post_init__(self) -> None:
         self.model = as_dataclass(self.model, ModelInit)
+        check_precision(self.model, self.training)
         self.teacher = as_dataclass(self.teacher, TeacherConfig)
         self.data = as_dataclass(self.data, DataConfig)
         self.kd = as_dataclass(self.kd, KDConfig)
@@ -70,7 +71,7 @@ def run(cfg: ImitationConfig, ctx: StageContext) -> dict[str, Any]:
     default_chat_template(processor, cfg.data.template)
     teacher, teacher_processor = open_teacher(cfg.teacher, cfg.kd, cfg.data.template, cfg.data.max_length)
     check_packing(cfg.data.packing, model, teacher)
-    apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
+    set_trainable(model, cfg.model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(cfg.data, ctx.cache_base)
     collator = build_collator(cfg.data, cfg.kd, processor, teacher_processor)

@@ -27,15 +27,15 @@ from distill.losses.preference import LOSS_TYPES, per_sequence, preference_loss,
 from distill.losses.router import LAYER_REDUCTIONS, load_balancing_loss
 from distill.models.experts import check_experts_implementation, set_experts_implementation
 from distill.models.teacher import load_teacher
-from distill.models.trainable import apply_trainability, parameter_table
+from distill.models.trainable import parameter_table
 from distill.models.upcycle import moe_blocks
 from distill.stages.sparse_imitation import SPARSE_TRAINABLE
-from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass
+from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass, check_precision
 from distill.training.context import StageContext
 from distill.training.distributed import gathered, local_device, prepare_teacher, run_in_forward, unwrap
 from distill.training.kd import TeacherConfig, last_hidden, split_inputs
 from distill.training.moe import RouterRecorder
-from distill.training.supervised import data_cache, fit_data, load_model, train
+from distill.training.supervised import data_cache, fit_data, load_model, set_trainable, train
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class PreferenceConfig:
 
     def __post_init__(self) -> None:
         self.model = as_dataclass(self.model, ModelInit)
+        check_precision(self.model, self.training)
         self.teacher = as_dataclass(self.teacher, TeacherConfig)
         if self.teacher.path is None:
             raise ValueError("preference.teacher: needs the teacher checkpoint (teacher.path): a top-k cache holds "
@@ -200,7 +201,7 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict[str, Any]:
     default_chat_template(processor, cfg.data.template)
     teacher, teacher_processor = load_teacher(cfg.teacher.path, cfg.teacher.torch_dtype(),
                                               cfg.teacher.attn_implementation)
-    apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
+    set_trainable(model, cfg.model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     parts, stats = [], []
     for path in cfg.data.train:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass
+from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass, check_precision
 from distill.training.context import StageContext
 from distill.training.supervised import supervised_stage
 
@@ -29,6 +29,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         self.model = as_dataclass(self.model, ModelInit)
+        check_precision(self.model, self.training)
         self.data = as_dataclass(self.data, DataConfig)
         self.trainable = as_dataclass(self.trainable, Trainability)
         if self.train_on not in ("responses", "all"):

@@ -18,15 +18,15 @@ from typing import Any
 from distill.data.templates import default_chat_template
 from distill.losses.router import LAYER_REDUCTIONS
 from distill.models.experts import check_experts_implementation, set_experts_implementation
-from distill.models.trainable import apply_trainability, parameter_table
+from distill.models.trainable import parameter_table
 from distill.models.upcycle import UpcycleConfig, moe_blocks, parameter_counts, upcycle
 from distill.pipeline import is_main_process
 from distill.stages.imitation import build_collator
-from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass
+from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass, check_precision
 from distill.training.context import StageContext
 from distill.training.kd import KDConfig, TeacherConfig, open_teacher
 from distill.training.moe import RouterRecorder, SparseKDLoss, write_load_heatmap
-from distill.training.supervised import check_packing, fit_data, load_conversations, load_model, train
+from distill.training.supervised import check_packing, fit_data, load_conversations, load_model, set_trainable, train
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class SparseImitationConfig:
 
     def __post_init__(self) -> None:
         self.model = as_dataclass(self.model, ModelInit)
+        check_precision(self.model, self.training)
         self.teacher = as_dataclass(self.teacher, TeacherConfig)
         self.data = as_dataclass(self.data, DataConfig)
         self.upcycle = as_dataclass(self.upcycle, UpcycleConfig)
@@ -91,7 +92,7 @@ def run(cfg: SparseImitationConfig, ctx: StageContext) -> dict[str, Any]:
     total, active = parameter_counts(model, cfg.upcycle.top_k)
     teacher, teacher_processor = open_teacher(cfg.teacher, cfg.kd, cfg.data.template, cfg.data.max_length)
     check_packing(cfg.data.packing, model, teacher)
-    apply_trainability(model, cfg.trainable.modes, cfg.trainable.lora)
+    set_trainable(model, cfg.model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(cfg.data, ctx.cache_base)
     collator = build_collator(cfg.data, cfg.kd, processor, teacher_processor)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from distill import paths as fs
 from distill.data.formats import ON_BAD_RECORD
@@ -66,17 +69,66 @@ class ModelInit:
     """``auto``: flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa; or any of
     ``sdpa``, ``flash_attention_2``, ``flex_attention`` (GPU training: skips the other records' blocks of a packed
     batch, see ``data.packing``), ``eager``."""
+    weights_dtype: str = "float32"
+    """The dtype the model is loaded in, so the trainable parameters' (the optimizer's master weights and their
+    gradients). ``bfloat16`` halves both, a memory saver: plain AdamW would then round away every update smaller
+    than half a bf16 step of the weight, so it needs an optimizer that rounds stochastically:
+    ``training.optim=adamw_torch_8bit`` with ``training.optim_args=bf16_stochastic_round=True`` (torchao)."""
+    frozen_dtype: str | None = None
+    """The dtype of the parameters the stage does not train (a frozen vision tower, the upcycled student's attention
+    ...), cast after the trainable ones are chosen; None: as ``weights_dtype``. ``bfloat16`` halves them; under bf16
+    autocast their matrix products run in bf16 already, so what changes is the fp32 ops' inputs (norms) reading
+    rounded weights, and the saved artifact holds those parts rounded to bf16."""
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"model.attn_implementation={self.attn_implementation!r}: expected one of "
                              f"{ATTN_IMPLEMENTATIONS}")
+        for name in ("weights_dtype", "frozen_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in MODEL_DTYPES:
+                raise ValueError(f"model.{name}={value!r}: expected one of {sorted(MODEL_DTYPES)}")
         if isinstance(self.parts, dict):
             self.parts = StudentParts(**self.parts)
         if (self.artifact is None) == (self.parts is None):
             raise ValueError("model: give exactly one of 'artifact' (a checkpoint folder) or 'parts'")
         if self.artifact is not None and not fs.is_file(Path(self.artifact) / "config.json"):
             raise FileNotFoundError(f"model.artifact: no checkpoint at {self.artifact}")
+
+
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STOCHASTIC_ROUNDING_OPTIMS = ("adamw_torch_8bit", "adamw_torch_4bit")
+"""TrainingArguments ``optim`` values (torchao's low-bit AdamW) that can update bf16 weights with stochastic
+rounding (``optim_args=bf16_stochastic_round=True``)."""
+
+
+def _optim_args(training: dict[str, Any]) -> dict[str, str]:
+    text = training.get("optim_args") or ""
+    return dict(kv.split("=", 1) for kv in text.replace(" ", "").split(",") if "=" in kv)
+
+
+def check_precision(model: ModelInit, training: dict[str, Any]) -> None:
+    """The memory savers' settings against the stage's TrainingArguments, before any work: bf16 weights need a
+    stochastic-rounding optimizer and no DeepSpeed (which keeps fp32 master weights itself), bf16 parts need bf16
+    autocast, and torchao's optimizers need torchao."""
+    optim = str(training.get("optim", "adamw_torch"))
+    lowered = [name for name in ("weights_dtype", "frozen_dtype") if getattr(model, name) == "bfloat16"]
+    if lowered and not training.get("bf16", False):
+        raise ValueError(f"model.{lowered[0]}=bfloat16 needs bf16 mixed precision (training.bf16=true): without "
+                         "autocast the fp32 and bf16 parts of the model cannot multiply each other")
+    if model.weights_dtype == "bfloat16":
+        if training.get("deepspeed"):
+            raise ValueError("model.weights_dtype=bfloat16 with DeepSpeed: DeepSpeed's bf16 mode keeps fp32 master "
+                             "weights itself; leave weights_dtype=float32 and let ZeRO partition the state")
+        stochastic = _optim_args(training).get("bf16_stochastic_round", "").lower() in ("true", "1")
+        if optim not in STOCHASTIC_ROUNDING_OPTIMS or not stochastic:
+            raise ValueError(
+                f"model.weights_dtype=bfloat16 with training.optim={optim!r}: updates smaller than half a bf16 step "
+                "of a weight would be rounded away. Use training.optim=adamw_torch_8bit (or adamw_torch_4bit) with "
+                "training.optim_args=bf16_stochastic_round=True (torchao), or keep weights_dtype=float32")
+    if optim in STOCHASTIC_ROUNDING_OPTIMS and importlib.util.find_spec("torchao") is None:
+        raise ValueError(f"training.optim={optim} needs the torchao package (the project's `gpu` extra: "
+                         "pip install 'distill[gpu]')")
 
 
 def as_dataclass(value: Any, cls: type) -> Any:

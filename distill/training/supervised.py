@@ -16,8 +16,8 @@ from distill.data.formats import load_llava_json
 from distill.data.templates import default_chat_template, get_template
 from distill.losses.ce import response_ce
 from distill.models.student import build_student, load_vlm, resolve_attn_implementation
-from distill.models.trainable import apply_trainability, merge_lora, parameter_table
-from distill.training.config import DataConfig, ModelInit, Trainability
+from distill.models.trainable import LoraSpec, apply_trainability, merge_lora, parameter_table
+from distill.training.config import MODEL_DTYPES, DataConfig, ModelInit, Trainability
 from distill.training.context import StageContext
 from distill.training.distributed import save_final
 from distill.training.resilience import Preempted, PreemptionCallback, last_checkpoint
@@ -28,13 +28,34 @@ log = logging.getLogger(__name__)
 
 
 def load_model(init: ModelInit) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """The trainable model in fp32 master weights (mixed precision comes from the trainer settings)."""
+    """The trainable model in ``init.weights_dtype`` (fp32 master weights by default; mixed precision comes from
+    the trainer settings)."""
+    dtype = MODEL_DTYPES[init.weights_dtype]
     if init.artifact is not None:
-        model, processor = load_vlm(init.artifact, dtype=torch.float32)
+        model, processor = load_vlm(init.artifact, dtype=dtype)
     else:
-        model, processor = build_student(init.parts, dtype=torch.float32)
+        model, processor = build_student(init.parts, dtype=dtype)
     model.set_attn_implementation(resolve_attn_implementation(init.attn_implementation))
     return model, processor
+
+
+def set_trainable(model: torch.nn.Module, init: ModelInit, modes: dict[str, str], lora: LoraSpec) -> None:
+    """Open the components ``modes`` names (``apply_trainability``), then cast every parameter left frozen to
+    ``init.frozen_dtype`` (a memory saver; None leaves them as loaded)."""
+    apply_trainability(model, modes, lora)
+    if init.frozen_dtype is not None:
+        cast = cast_frozen(model, MODEL_DTYPES[init.frozen_dtype])
+        log.info("model.frozen_dtype=%s: %.1fM frozen parameters cast", init.frozen_dtype, cast / 1e6)
+
+
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the floating-point parameters that do not require grad to ``dtype``; returns how many elements."""
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += param.numel()
+    return cast
 
 
 def check_packing(packing: bool, *models: Any) -> None:
@@ -151,7 +172,7 @@ def supervised_stage(
     if init.parts is not None and init.parts.modality_experts is not None:  # new visual experts: open them
         modes = init.parts.modality_experts.trainable_modes(modes)
     check_packing(data.packing, model)
-    apply_trainability(model, modes, trainable.lora)
+    set_trainable(model, init, modes, trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(data, ctx.cache_base)
     encoder = ConversationEncoder(processor, template, data.max_length, train_on=train_on)

@@ -711,7 +711,31 @@ def training_dict(ctx: Context) -> dict[str, Any]:
         "save_strategy": "no", "logging_steps": 10, "disable_tqdm": True,
         "dataloader_num_workers": args.workers, "dataloader_pin_memory": ctx.cuda, "seed": 0,
         "gradient_checkpointing": args.grad_ckpt, "train_sampling_strategy": "sequential",
+        **saver_training(args.savers),
     }
+
+
+SAVERS = ("frozen_bf16", "adam8bit", "weights_bf16")
+"""Memory savers (the stages' ``model.frozen_dtype=bfloat16``; ``training.optim=adamw_torch_8bit``;
+``model.weights_dtype=bfloat16``, which needs that optimizer with bf16 stochastic rounding)."""
+
+
+def saver_training(savers: Sequence[str]) -> dict[str, Any]:
+    """The TrainingArguments the savers change: torchao's 8-bit AdamW, rounding stochastically into bf16 weights."""
+    if "weights_bf16" in savers:
+        return {"optim": "adamw_torch_8bit", "optim_args": "bf16_stochastic_round=True"}
+    return {"optim": "adamw_torch_8bit"} if "adam8bit" in savers else {}
+
+
+def apply_savers(student: torch.nn.Module, savers: Sequence[str]) -> None:
+    """The student as the stages load it with these savers: all of it in bf16 (``weights_bf16``), then the frozen
+    parameters in bf16 (``frozen_bf16``)."""
+    from distill.training.supervised import cast_frozen
+
+    if "weights_bf16" in savers:
+        student.to(torch.bfloat16)
+    if "frozen_bf16" in savers:
+        cast_frozen(student, torch.bfloat16)
 
 
 def make_loss(ctx: Context):
@@ -1061,7 +1085,8 @@ def markdown_row(row: dict[str, Any]) -> str:
     variant = row["variant"] + (" (loop)" if row.get("trl_mode") == "loop" else "") + \
         (" (pad max)" if row.get("pad") == "max" and row["variant"] == "naive" else "") + \
         (" (+kd autocast)" if row.get("kd_autocast") and row["variant"] in ("ours", "bare") else "") + \
-        (" (packed)" if row.get("packing") else "")
+        (" (packed)" if row.get("packing") else "") + \
+        "".join(f" (+{saver})" for saver in row.get("savers", []))
     return (f"| {variant} | {row['stage']} | {row['student']}{' MoE' if row['stage'] != 'd2d' else ''} | "
             f"{row['micro_batch']} | {num('tokens_per_s', ',.0f')} | {num('padding', '.1%')} | {num('mfu', '.1%')} | "
             f"{num('peak_gib', '.1f')} | {num('loss_share', '.1%')} | {num('step_s_median', '.3f')} | "
@@ -1072,7 +1097,7 @@ def base_row(args: argparse.Namespace, device_name: str) -> dict[str, Any]:
     return {"variant": args.variant, "stage": args.stage, "student": args.student, "micro_batch": args.micro_batch,
             "steps": args.steps, "warmup": args.warmup, "device": device_name, "attn": args.attn,
             "grad_ckpt": args.grad_ckpt, "experts": args.experts, "pad": args.pad, "tiny": args.tiny,
-            "kd_autocast": args.kd_autocast, "packing": args.packing,
+            "kd_autocast": args.kd_autocast, "packing": args.packing, "savers": list(args.savers),
             "trl_mode": ("loop" if args.trl_loop else "trainer") if args.variant == "trl_gkd" else None,
             "date": time.strftime("%Y-%m-%d %H:%M"), "status": "ok"}
 
@@ -1126,6 +1151,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     teacher_dtype = torch.bfloat16 if bf16 else torch.float32
     student, teacher, top_k = build_models(args.stage, args.student, args.tiny, text_only, device, attn,
                                            teacher_dtype, args.experts)
+    apply_savers(student, args.savers)
     s_spec, t_spec = flop_spec(student, top_k), flop_spec(teacher, 0)
     if args.teacher_fp8:
         row.update(fp8_teacher(teacher, data.batches[:2], device))
@@ -1331,6 +1357,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
                    "(data.packing), both models; pair with --attn flex_attention so attention skips other records")
     p.add_argument("--phases", action="store_true", help="bare variant on GPU: median milliseconds per step of the "
                    "teacher forward, student forward, backward and optimizer (phases_ms; the loss: loss_insitu_ms)")
+    p.add_argument("--savers", nargs="*", choices=SAVERS, default=[], help="memory savers: frozen_bf16 (frozen "
+                   "parts in bf16), adam8bit (torchao's 8-bit AdamW), weights_bf16 (bf16 weights and gradients, "
+                   "8-bit AdamW with stochastic rounding)")
     p.add_argument("--header", action="store_true", help="print the markdown header too")
     p.add_argument("--out", default=None, help="append the JSON line to this file")
     p.add_argument("--sweep", choices=sorted(PLANS), default=None, help="run a plan, one process per row")
@@ -1348,6 +1377,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value != p.get_default(flag[2:].replace("-", "_")):
             passthrough += [flag, str(value)]
+    if args.savers:
+        passthrough += ["--savers", *args.savers]
     passthrough += [f for f in ("--grad-ckpt", "--fp32", "--kd-autocast", "--trl-loop", "--teacher-fp8", "--packing")
                     if getattr(args, f[2:].replace("-", "_"))]
     return args, passthrough

@@ -134,3 +134,33 @@ def test_packing_runs_the_same_tokens_without_padding(tmp_path):
     assert packed["first_loss"] == pytest.approx(padded["first_loss"], rel=1e-5)
     refused = subprocess.run(base[:3] + ["naive", "--packing"], capture_output=True, text=True, cwd=REPO)
     assert refused.returncode != 0 and "--packing" in refused.stderr
+
+
+def test_savers_lower_the_student_as_the_stages_do():
+    """frozen_bf16 casts only the frozen parameters; weights_bf16 all of them, with torchao's stochastic-rounding
+    8-bit AdamW."""
+    import torch
+
+    student = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    student[0].requires_grad_(False)
+    kdt.apply_savers(student, ["frozen_bf16"])
+    assert [p.dtype for p in student.parameters()] == [torch.bfloat16] * 2 + [torch.float32] * 2
+    kdt.apply_savers(student, ["weights_bf16"])
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+    assert kdt.saver_training(["weights_bf16"]) == {"optim": "adamw_torch_8bit",
+                                                    "optim_args": "bf16_stochastic_round=True"}
+    assert kdt.saver_training(["adam8bit"]) == {"optim": "adamw_torch_8bit"} and kdt.saver_training([]) == {}
+
+
+@pytest.mark.slow
+def test_savers_run_and_keep_the_first_loss(tmp_path):
+    """A saver's run reports itself; its first loss is the plain run's to bf16 precision."""
+    out = tmp_path / "rows.jsonl"
+    base = [sys.executable, str(SCRIPT), "--tiny", "--variant", "ours", "--stage", "d2d", "--steps", "1",
+            "--warmup", "1", "--out", str(out)]
+    for extra in ([], ["--savers", "frozen_bf16"]):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, saved = map(json.loads, out.read_text().splitlines())
+    assert saved["savers"] == ["frozen_bf16"] and saved["status"] == "ok"
+    assert saved["first_loss"] == pytest.approx(plain["first_loss"], rel=2e-2)
