@@ -11,6 +11,7 @@ from distill.data.formats import ON_BAD_RECORD
 from distill.data.templates import get_template
 from distill.models.student import ATTN_IMPLEMENTATIONS, StudentParts
 from distill.models.trainable import LoraSpec, validate_modes
+from distill.training.kernels import check_kernels
 
 
 @dataclass
@@ -66,11 +67,15 @@ class ModelInit:
     """``auto``: flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa; or any of
     ``sdpa``, ``flash_attention_2``, ``flex_attention`` (GPU training: skips the other records' blocks of a packed
     batch, see ``data.packing``), ``eager``."""
+    kernels: list[str] = field(default_factory=list)
+    """Opt-in GPU kernels for the LLM (distill/training/kernels.py): ``liger`` (liger-kernel's fused RMSNorm,
+    SwiGLU and RoPE), ``compile`` (regional torch.compile of the decoder layers). Empty: transformers' own."""
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"model.attn_implementation={self.attn_implementation!r}: expected one of "
                              f"{ATTN_IMPLEMENTATIONS}")
+        self.kernels = check_kernels(self.kernels, "model.kernels")
         if isinstance(self.parts, dict):
             self.parts = StudentParts(**self.parts)
         if (self.artifact is None) == (self.parts is None):
