@@ -34,6 +34,7 @@ from distill.training.config import DataConfig, ModelInit, Trainability, as_data
 from distill.training.context import StageContext
 from distill.training.distributed import gathered, local_device, prepare_teacher, run_in_forward, unwrap
 from distill.training.kd import TeacherConfig, last_hidden, split_inputs
+from distill.training.kernels import apply_kernels
 from distill.training.moe import RouterRecorder
 from distill.training.supervised import data_cache, fit_data, load_model, set_trainable, train
 
@@ -201,6 +202,7 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict[str, Any]:
     default_chat_template(processor, cfg.data.template)
     teacher, teacher_processor = load_teacher(cfg.teacher.path, cfg.teacher.torch_dtype(),
                                               cfg.teacher.attn_implementation)
+    apply_kernels(teacher, cfg.teacher.kernels)
     set_trainable(model, cfg.model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     parts, stats = [], []

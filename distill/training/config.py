@@ -14,6 +14,7 @@ from distill.data.formats import ON_BAD_RECORD
 from distill.data.templates import get_template
 from distill.models.student import ATTN_IMPLEMENTATIONS, StudentParts
 from distill.models.trainable import LoraSpec, validate_modes
+from distill.training.kernels import check_kernels
 
 
 @dataclass
@@ -79,6 +80,9 @@ class ModelInit:
     ...), cast after the trainable ones are chosen; None: as ``weights_dtype``. ``bfloat16`` halves them; under bf16
     autocast their matrix products run in bf16 already, so what changes is the fp32 ops' inputs (norms) reading
     rounded weights, and the saved artifact holds those parts rounded to bf16."""
+    kernels: list[str] = field(default_factory=list)
+    """Opt-in GPU kernels for the LLM (distill/training/kernels.py): ``liger`` (liger-kernel's fused RMSNorm,
+    SwiGLU and RoPE), ``compile`` (regional torch.compile of the decoder layers). Empty: transformers' own."""
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -88,6 +92,7 @@ class ModelInit:
             value = getattr(self, name)
             if value is not None and value not in MODEL_DTYPES:
                 raise ValueError(f"model.{name}={value!r}: expected one of {sorted(MODEL_DTYPES)}")
+        self.kernels = check_kernels(self.kernels, "model.kernels")
         if isinstance(self.parts, dict):
             self.parts = StudentParts(**self.parts)
         if (self.artifact is None) == (self.parts is None):

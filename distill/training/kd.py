@@ -15,7 +15,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from distill.losses.kd import (
 from distill.models.student import ATTN_IMPLEMENTATIONS
 from distill.models.teacher import load_teacher
 from distill.training.distributed import gathered, is_zero3_engine, prepare_teacher, run_in_forward, unwrap
+from distill.training.kernels import apply_kernels, check_kernels
 
 NON_MODEL_KEYS = ("labels", "record_ids", "ref_logps")
 """Batch entries that are not model inputs; everything else the collator returns goes to the forward."""
@@ -86,6 +87,8 @@ class TeacherConfig:
     fp8: bool = False
     """Run the teacher's LLM linear layers as rowwise-scaled fp8 products (distill/models/fp8.py): an opt-in
     approximation for Hopper-class GPUs; not with DeepSpeed (its engines would cast the fp8 weights)."""
+    kernels: list[str] = field(default_factory=list)
+    """Opt-in GPU kernels for the teacher's LLM, as ``model.kernels`` (distill/training/kernels.py)."""
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.cache is None):
@@ -102,6 +105,9 @@ class TeacherConfig:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"teacher.attn_implementation={self.attn_implementation!r}: expected one of "
                              f"{ATTN_IMPLEMENTATIONS}")
+        self.kernels = check_kernels(self.kernels, "teacher.kernels")
+        if self.kernels and self.cache is not None:
+            raise ValueError("teacher.kernels applies to a live teacher (teacher.path), not to a teacher cache")
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -299,4 +305,5 @@ def open_teacher(
         from distill.models.fp8 import convert_to_fp8
 
         log.info("teacher.fp8: %s", convert_to_fp8(teacher))
+    apply_kernels(teacher, cfg.kernels)
     return teacher, processor

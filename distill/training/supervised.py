@@ -20,6 +20,7 @@ from distill.models.trainable import LoraSpec, apply_trainability, merge_lora, p
 from distill.training.config import MODEL_DTYPES, DataConfig, ModelInit, Trainability
 from distill.training.context import StageContext
 from distill.training.distributed import save_final
+from distill.training.kernels import apply_kernels
 from distill.training.resilience import Preempted, PreemptionCallback, last_checkpoint
 from distill.training.tracking import ProgressLine, add_tracking, finish_wandb, start_wandb_run, tracking_arguments
 from distill.training.trainer import DistillTrainer, LossFn, training_arguments
@@ -36,6 +37,7 @@ def load_model(init: ModelInit) -> tuple[PreTrainedModel, ProcessorMixin]:
     else:
         model, processor = build_student(init.parts, dtype=dtype)
     model.set_attn_implementation(resolve_attn_implementation(init.attn_implementation))
+    apply_kernels(model, init.kernels)
     return model, processor
 
 

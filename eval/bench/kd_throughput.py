@@ -457,13 +457,18 @@ class Clock:
     """Synchronised time marks; a step's time is the gap between consecutive marks. With a ``torch.profiler``
     profile, each mark is also a profiler step (its schedule picks which steps are recorded)."""
 
-    def __init__(self, cuda: bool, profiler: Any = None) -> None:
+    def __init__(self, cuda: bool, profiler: Any = None, graphs: Callable[[], int] | None = None) -> None:
         self.cuda, self.marks, self.profiler = cuda, [], profiler
+        self.graphs, self.graph_marks = graphs, []
+        """``graphs``: the number of graphs torch.compile has built so far, read at each mark (``--kernels
+        compile``: recompilations inside the timed steps)."""
 
     def mark(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
         self.marks.append(time.perf_counter())
+        if self.graphs is not None:
+            self.graph_marks.append(self.graphs())
         if self.profiler is not None:
             self.profiler.step()
 
@@ -471,25 +476,139 @@ class Clock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def step_profiler(out_dir: Path, warmup: int, cuda: bool):
-    """``--profile``: records two steps after the warm-up; writes ``trace.json`` (chrome://tracing, Perfetto) and
-    ``ops.txt`` (operators by self device time, then by self CPU time) under ``out_dir``."""
+PHASE_MARKS = ("distill::teacher_forward", "distill::student_forward", "distill::kd_loss", "distill::optimizer")
+"""``record_function`` ranges of a profiled run: both models' forwards (hooks), the loss probe, the loop's optimizer."""
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+            "aten::_grouped_mm", "aten::_scaled_mm", "aten::_scaled_grouped_mm")
+
+
+def kernel_category(op: str, kernel: str) -> str:
+    """A GPU kernel's kind, from its name and the operator that launched it."""
+    k = kernel.lower()
+    if k.startswith(("memcpy", "memset")):
+        return "memcpy/memset"
+    if any(s in k for s in ("flex_attention", "attention", "fmha", "flash")) or k.startswith("triton_tem") \
+            or "scaled_dot_product" in op or "flex_attention" in op:
+        return "attention"
+    if any(s in k for s in ("gemm", "nvjet", "cutlass", "xmma", "splitk", "cublas")) or op in GEMM_OPS:
+        return "gemm"
+    if any(s in k for s in ("_rms_norm", "_swiglu", "_triton_rope", "_geglu")):
+        return "liger (fused norm / swiglu / rope)"
+    if k.startswith("triton_"):
+        return "triton (compiled, fused)"
+    if "multi_tensor" in k or "adam" in k:
+        return "optimizer multi-tensor"
+    if "copy_kernel" in k or op in ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"):
+        return "cast/copy"
+    if "reduce_kernel" in k or op in ("aten::mean", "aten::sum", "aten::norm", "aten::_foreach_norm"):
+        return "reduction"
+    if "elementwise" in k or "vectorized" in k or "index" in k or "scatter" in k or "gather" in k or "cat" in k:
+        return "elementwise/index"
+    return "other"
+
+
+def _phase(event: Any) -> str:
+    node = event
+    while node is not None:
+        if node.name in PHASE_MARKS:
+            return node.name.split("::")[1]
+        if node.name.startswith("autograd::engine::evaluate_function"):
+            return "backward"
+        if node.name.startswith("Optimizer.") or node.name.startswith("Optimizer#"):
+            return "optimizer"
+        node = node.cpu_parent
+    return "other"
+
+
+def phase_summary(prof: Any, steps: int) -> str:
+    """Device time of the profiled steps by phase x kernel kind, by (phase, operator) and by kernel, in ms per step;
+    GPU busy time against wall time; host synchronisations."""
+    by_kind: dict[tuple[str, str], float] = {}
+    by_op: dict[tuple[str, str], float] = {}
+    by_kernel: dict[str, list[float]] = {}
+    syncs: dict[str, int] = {}
+    for e in prof.events():
+        if "Synchronize" in e.name:
+            syncs[e.name] = syncs.get(e.name, 0) + 1
+        if getattr(e, "device_type", None) is None or str(e.device_type) != "DeviceType.CPU" or not e.kernels:
+            continue
+        phase = _phase(e)
+        for k in e.kernels:
+            ms = k.duration / 1000 / steps
+            kind = kernel_category(e.name, k.name)
+            by_kind[phase, kind] = by_kind.get((phase, kind), 0.0) + ms
+            by_op[phase, e.name] = by_op.get((phase, e.name), 0.0) + ms
+            entry = by_kernel.setdefault(k.name, [0.0, 0])
+            entry[0] += ms
+            entry[1] += 1
+    total = sum(by_kind.values())
+    phases = sorted({p for p, _ in by_kind}, key=lambda p: -sum(v for (q, _), v in by_kind.items() if q == p))
+    kinds = sorted({k for _, k in by_kind}, key=lambda k: -sum(v for (_, q), v in by_kind.items() if q == k))
+    lines = [f"GPU kernel time per step: {total:.1f} ms over {steps} profiled steps (ms per step; share of the "
+             "kernel time)", "", "| kind | " + " | ".join(phases) + " | total | share |",
+             "|---|" + "---:|" * (len(phases) + 2)]
+    for kind in kinds:
+        row = [by_kind.get((p, kind), 0.0) for p in phases]
+        lines.append(f"| {kind} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {sum(row):.1f} | "
+                     f"{sum(row) / total:.1%} |")
+    col = [sum(by_kind.get((p, k), 0.0) for k in kinds) for p in phases]
+    lines.append("| all | " + " | ".join(f"{v:.1f}" for v in col) + f" | {total:.1f} | 100% |")
+    lines += ["", "Top operators (innermost op launching the kernels) by device time, ms per step:", "",
+              "| phase | operator | ms | share |", "|---|---|---:|---:|"]
+    for (phase, op), ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:40]:
+        lines.append(f"| {phase} | {op} | {ms:.2f} | {ms / total:.1%} |")
+    lines += ["", "Top kernels, ms per step (calls per step):", ""]
+    for name, (ms, n) in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:30]:
+        lines.append(f"{ms:8.2f} ms {n / steps:6.0f}x  {name[:160]}")
+    lines += ["", "Host synchronisations per step: " + (", ".join(f"{k} {v / steps:.0f}" for k, v in
+                                                            sorted(syncs.items())) or "none")]
+    return "\n".join(lines)
+
+
+def step_profiler(out_dir: Path, warmup: int, cuda: bool, trace: bool = True):
+    """``--profile``: records two steps after the warm-up; writes ``summary.md`` (device time by phase x kernel
+    kind, top operators and kernels; ``phase_summary``), ``ops.txt`` (operators by self device time, then by
+    self CPU time) and, with ``trace``, ``trace.json`` (chrome://tracing, Perfetto) under ``out_dir``."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    active = 2
 
     def write(prof) -> None:
-        prof.export_chrome_trace(str(out_dir / "trace.json"))
+        if trace:
+            prof.export_chrome_trace(str(out_dir / "trace.json"))
         ops = prof.key_averages()
         tables = [ops.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)]
         if cuda:
             tables.append(ops.table(sort_by="self_cpu_time_total", row_limit=25))
         (out_dir / "ops.txt").write_text("\n\n".join(tables))
+        if cuda:
+            try:
+                (out_dir / "summary.md").write_text(phase_summary(prof, active) + "\n")
+            except Exception as err:  # the tables above stay useful if the event tree differs in this torch
+                log.warning("phase summary failed: %r", err)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     # Marks: one before the first step, then one per step; warm-up steps end at mark ``warmup``.
-    return profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=2, repeat=1),
+    return profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=active, repeat=1),
                    on_trace_ready=write, record_shapes=False)
+
+
+def mark_phases(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """``record_function`` ranges around each model's forward (for ``phase_summary``)."""
+    from torch.autograd.profiler import record_function
+
+    for name, module in (("distill::teacher_forward", teacher), ("distill::student_forward", student)):
+        ranges: list[Any] = []
+
+        def enter(*_, name=name, ranges=ranges) -> None:
+            ranges.append(record_function(name).__enter__())
+
+        def leave(*_, ranges=ranges) -> None:
+            ranges.pop().__exit__(None, None, None)
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
 
 
 def trainer_clock(clock: Clock):
@@ -521,6 +640,10 @@ class LossProbe:
         original = kd_module.chunked_kd_loss
 
         def timed(h_s, w_s, h_t, w_t, *rest, **kwargs):
+            with torch.autograd.profiler.record_function("distill::kd_loss"):
+                return call(h_s, w_s, h_t, w_t, *rest, **kwargs)
+
+        def call(h_s, w_s, h_t, w_t, *rest, **kwargs):
             self.spec = {"h_s": h_s.dtype, "h_t": h_t.dtype}
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -827,9 +950,10 @@ def run_loop(ctx: Context, clock: Clock, step_loss: Callable, token_normalised: 
         if phases is not None:
             phases.end("backward")
             phases.start("optimizer")
-        torch.nn.utils.clip_grad_norm_(ctx.student.parameters(), targs.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with torch.autograd.profiler.record_function("distill::optimizer"):
+            torch.nn.utils.clip_grad_norm_(ctx.student.parameters(), targs.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if phases is not None:
             phases.end("optimizer")
         clock.mark()
@@ -1086,6 +1210,7 @@ def markdown_row(row: dict[str, Any]) -> str:
         (" (pad max)" if row.get("pad") == "max" and row["variant"] == "naive" else "") + \
         (" (+kd autocast)" if row.get("kd_autocast") and row["variant"] in ("ours", "bare") else "") + \
         (" (packed)" if row.get("packing") else "") + \
+        "".join(f" (+{k})" for k in row.get("kernels") or ()) + \
         "".join(f" (+{saver})" for saver in row.get("savers", []))
     return (f"| {variant} | {row['stage']} | {row['student']}{' MoE' if row['stage'] != 'd2d' else ''} | "
             f"{row['micro_batch']} | {num('tokens_per_s', ',.0f')} | {num('padding', '.1%')} | {num('mfu', '.1%')} | "
@@ -1097,7 +1222,8 @@ def base_row(args: argparse.Namespace, device_name: str) -> dict[str, Any]:
     return {"variant": args.variant, "stage": args.stage, "student": args.student, "micro_batch": args.micro_batch,
             "steps": args.steps, "warmup": args.warmup, "device": device_name, "attn": args.attn,
             "grad_ckpt": args.grad_ckpt, "experts": args.experts, "pad": args.pad, "tiny": args.tiny,
-            "kd_autocast": args.kd_autocast, "packing": args.packing, "savers": list(args.savers),
+            "kd_autocast": args.kd_autocast, "packing": args.packing, "kernels": args.kernels,
+            "savers": list(args.savers),
             "trl_mode": ("loop" if args.trl_loop else "trainer") if args.variant == "trl_gkd" else None,
             "date": time.strftime("%Y-%m-%d %H:%M"), "status": "ok"}
 
@@ -1155,12 +1281,26 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     s_spec, t_spec = flop_spec(student, top_k), flop_spec(teacher, 0)
     if args.teacher_fp8:
         row.update(fp8_teacher(teacher, data.batches[:2], device))
+    if args.kernels:
+        from distill.training.kernels import apply_kernels
+
+        row["kernels_applied"] = {"student": apply_kernels(student, args.kernels),
+                                  "teacher": apply_kernels(teacher, args.kernels)}
+    graphs = None
+    if "compile" in args.kernels:
+        from torch._dynamo.utils import counters
+
+        def graphs() -> int:
+            return int(counters["stats"]["unique_graphs"])
     ctx = Context(args, stage_defaults(args.stage), device, cuda, bf16, data, student, teacher, top_k, out_dir)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    profiler = step_profiler(Path(args.profile), args.warmup, cuda) if args.profile else None
-    clock = Clock(cuda, profiler)
+    profiler = step_profiler(Path(args.profile), args.warmup, cuda, not args.profile_no_trace) if args.profile \
+        else None
+    if profiler is not None:
+        mark_phases(student, teacher)
+    clock = Clock(cuda, profiler, graphs)
     if profiler is not None:
         profiler.start()
     probe = LossProbe(cuda, (lambda: _autocast(cuda, bf16)) if args.kd_autocast else None)
@@ -1190,6 +1330,11 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         "peak_gib": peak_gib, "reserved_gib": reserved_gib, "peak_flops": peak, "first_loss": state.get("first_loss"),
         "timed_steps": len(timed),
     })
+    if clock.graph_marks:  # graphs compiled by the end of each step; after the warm-up = recompilations
+        row["compiled_graphs"] = clock.graph_marks[-1]
+        row["graphs_after_warmup"] = clock.graph_marks[-1] - clock.graph_marks[min(args.warmup, len(clock.graph_marks)
+                                                                                   - 1)]
+        row["graphs_per_step"] = [b - a for a, b in zip(clock.graph_marks, clock.graph_marks[1:])]
     if "tokens_seen" in state:
         expected = sum(batch_stats(b)["real"] for b in batches[:len(durations)])
         row["tokens_seen_check"] = state["tokens_seen"] == expected
@@ -1351,8 +1496,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
                    help="D2S / preference: the MoE experts' forward (default: the D2S stage's)")
     p.add_argument("--teacher-fp8", action="store_true", help="the teacher's LLM linears as rowwise fp8 products "
                    "(teacher.fp8); reports fp8_kl, KL(bf16 || fp8 teacher) on the first two batches' responses")
-    p.add_argument("--profile", default=None, help="record two timed steps with torch.profiler; write trace.json "
-                   "and ops.txt (operators by self time) into this folder (the profiled steps run slower)")
+    p.add_argument("--profile", default=None, help="record two timed steps with torch.profiler; write trace.json, "
+                   "ops.txt (operators by self time) and, on GPU, summary.md (device time by phase x kernel kind, top "
+                   "operators and kernels) into this folder (the profiled steps run slower)")
+    p.add_argument("--profile-no-trace", action="store_true", help="--profile: skip trace.json (large, slow to "
+                   "write)")
+    p.add_argument("--kernels", nargs="*", choices=("liger", "compile"), default=[], help="both models' LLMs: "
+                   "liger-kernel's RMSNorm / SwiGLU / RoPE, regional torch.compile of the decoder layers "
+                   "(distill.training.kernels.apply_kernels; GPU)")
     p.add_argument("--packing", action="store_true", help="ours / bare, D2D / D2S: padding-free batches "
                    "(data.packing), both models; pair with --attn flex_attention so attention skips other records")
     p.add_argument("--phases", action="store_true", help="bare variant on GPU: median milliseconds per step of the "
@@ -1381,6 +1532,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         passthrough += ["--savers", *args.savers]
     passthrough += [f for f in ("--grad-ckpt", "--fp32", "--kd-autocast", "--trl-loop", "--teacher-fp8", "--packing")
                     if getattr(args, f[2:].replace("-", "_"))]
+    if args.kernels:
+        passthrough += ["--kernels", *args.kernels]
     return args, passthrough
 
 

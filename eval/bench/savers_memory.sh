@@ -12,9 +12,10 @@ fi
 OUT=${OUT:-runs/savers_out}; mkdir -p "$OUT"
 B="python3 eval/bench/kd_throughput.py --stage d2d --student 1.5b --micro-batch 2 --steps 3 --warmup 2 --workers 4 --out $OUT/savers.jsonl"
 P="--packing --attn flex_attention"
-for args in "--variant naive" "--variant ours $P" "--variant ours $P --savers frozen_bf16" \
-            "--variant ours $P --savers frozen_bf16 adam8bit" "--variant ours $P --savers frozen_bf16 weights_bf16" \
-            "--variant ours $P --savers frozen_bf16 weights_bf16 --teacher-fp8"; do
+ROWS=("--variant naive" "--variant ours $P" "--variant ours $P --savers frozen_bf16 adam8bit"
+      "--variant ours $P --savers frozen_bf16 weights_bf16" "--variant ours $P --savers frozen_bf16"
+      "--variant ours $P --savers frozen_bf16 weights_bf16 --teacher-fp8")
+for args in "${ROWS[@]:0:${N_ROWS:-6}}"; do
   echo "=== $args ($(date -u +%H:%M:%S))"
   timeout ${RUN_TIMEOUT:-240} $B $args 2>&1 | grep -v "^{" | grep -iv "warn" | tail -3
 done

@@ -1,0 +1,43 @@
+#!/bin/bash
+# issue 25 levers, one warm H100: bash .whl/kd25.sh
+T0=$(date +%s)
+export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+date -u
+left() { echo $(( ${BUDGET:-585} - ($(date +%s) - T0) )); }
+P=$(python3 eval/bench/kd_throughput.py --measure-peak --quiet); echo "peak $P  ($(( $(date +%s) - T0 )) s)"
+B="python3 eval/bench/kd_throughput.py --stage d2d --student 1.5b --micro-batch 8 --packing --attn flex_attention --peak-flops $P --out $OUT/rows.jsonl"
+run() {  # name, min seconds needed, args...
+  local name=$1 need=$2; shift 2
+  local l=$(left)
+  if [ $l -lt $need ]; then echo "=== skip $name (left $l s)"; return; fi
+  echo "=== $name: $* (left $l s, $(date -u +%H:%M:%S))"
+  local t=$(date +%s)
+  local cap=$(( l - 5 )); [ -n "$CAP" ] && [ $CAP -lt $cap ] && cap=$CAP
+  timeout $cap $B "$@" > /tmp/$name.out 2> /tmp/$name.err
+  echo "rc=$? $(( $(date +%s) - t )) s"; grep '^|' /tmp/$name.out; grep -v '^{' /tmp/$name.out | grep -v '^|' | tail -3
+  grep -ci "recompil" /tmp/$name.err | sed 's/^/recompile log lines: /'; grep -iv "USDT\|warn" /tmp/$name.err | tail -4
+}
+for step in ${STEPS:-prof_base base liger ours_base ours_liger compile vision prof_liger}; do
+  case $step in
+    prof_base) run prof_base 60 --variant bare --steps 3 --warmup 3 --profile /tmp/prof_base --profile-no-trace; cp /tmp/prof_base/summary.md $OUT/prof_base_summary.md; cp /tmp/prof_base/ops.txt $OUT/prof_base_ops.txt;;
+    base) run base 50 --variant bare --phases --steps 6 --warmup 3;;
+    liger) run liger 50 --variant bare --phases --steps 6 --warmup 3 --kernels liger;;
+    ours_base) run ours_base 60 --variant ours --steps 6 --warmup 3 --workers 8;;
+    ours_liger) run ours_liger 60 --variant ours --steps 6 --warmup 3 --workers 8 --kernels liger;;
+    vision) run vision 50 --variant bare --phases --steps 6 --warmup 3 --savers frozen_bf16;;
+    compile) CAP=150 TORCH_LOGS=recompiles run compile 90 --variant bare --phases --steps 6 --warmup 3 --kernels compile;;
+    liger_compile) TORCH_LOGS=recompiles run liger_compile 90 --variant bare --phases --steps 6 --warmup 3 --kernels liger compile;;
+    prof_liger) run prof_liger 50 --variant bare --steps 3 --warmup 3 --kernels liger --profile /tmp/prof_liger --profile-no-trace; cp /tmp/prof_liger/summary.md $OUT/prof_liger_summary.md;;
+  esac
+done
+python3 - <<'PY'
+import json, os
+for line in open(os.environ["OUT"] + "/rows.jsonl"):
+    r = json.loads(line)
+    print(r.get("kernels"), r["variant"], " ".join(r.get("savers", [])), f"tok/s {r.get('tokens_per_s', 0):.0f} mfu {r.get('mfu') or 0:.3f} peak {r.get('peak_gib', 0):.1f} med {r.get('step_s_median', 0):.3f} loss0 {r.get('first_loss')}",
+          {k: r.get(k) for k in ("phases_ms", "loss_insitu_ms", "compiled_graphs", "graphs_after_warmup", "graphs_per_step", "kernels_applied", "status") if r.get(k) is not None})
+PY
+echo "total $(( $(date +%s) - T0 )) s"; date -u
