@@ -18,18 +18,22 @@ OUT=${OUT:-runs/probes_out}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-585}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/env.txt"
-W=runs/shapes_gpu/world; TEACHER=runs/shapes_gpu/teacher/model
-D="python3 -m distill recipe=shapes_gpu trainer.report_to=none trainer.disable_tqdm=true trainer.dataloader_num_workers=${WORKERS:-2}"
+RECIPE=${RECIPE:-shapes_gpu}  # RECIPE=demo EXTRA="<smaller world and steps>": the same flow on CPU in minutes
+export W=runs/$RECIPE/world; TEACHER=runs/$RECIPE/teacher/model
+read -ra EXTRA_ARGS <<< "${EXTRA:-}"
+D="${PY:-python3} -m distill recipe=$RECIPE trainer.report_to=none trainer.disable_tqdm=true"
+D="$D trainer.dataloader_num_workers=${WORKERS:-2}"
 
 echo "=== world + teacher ($(date -u +%H:%M:%S))"
-$D 'pipeline=[world]' > "$OUT/world.log" 2>&1 || { tail -30 "$OUT/world.log"; exit 2; }
-$D 'pipeline=[teacher]' > "$OUT/teacher.log" 2>&1 &
+$D "${EXTRA_ARGS[@]}" 'pipeline=[world]' > "$OUT/world.log" 2>&1 || { tail -30 "$OUT/world.log"; exit 2; }
+$D "${EXTRA_ARGS[@]}" 'pipeline=[teacher]' > "$OUT/teacher.log" 2>&1 &
 TPID=$!
-python3 - <<'PY' > "$OUT/llm4.log" 2>&1
+${PY:-python3} - <<'PY' > "$OUT/llm4.log" 2>&1
+import os
 from pathlib import Path
 from data_prep.standins import StandinConfig, chat_documents, token_blocks, pretrain_llm
 from distill.models.tiny import LLMSize
-w = Path("runs/shapes_gpu/world"); cfg = StandinConfig()
+w = Path(os.environ["W"]); cfg = StandinConfig()
 blocks = token_blocks(chat_documents(w / "data"), w / "tokenizer", cfg.block_size)
 for layers in (4,):
     pretrain_llm(blocks, w / "tokenizer", LLMSize(hidden_size=64, intermediate_size=192, num_hidden_layers=layers),
@@ -52,7 +56,7 @@ for spec in "${GRID[@]}"; do
   for e in "${extra[@]}"; do
     if [ "$e" = +teacher ]; then models+=("++stages.eval.models.teacher=$TEACHER"); else args+=("$e"); fi
   done
-  $D world_dir=$W 'pipeline=[adapter_init,d2d,eval]' run.name=$name stages.adapter_init.model.parts.llm=$llm \
+  $D "${EXTRA_ARGS[@]}" world_dir=$W 'pipeline=[adapter_init,d2d,eval]' run.name=$name stages.adapter_init.model.parts.llm=$llm \
      stages.d2d.training.num_train_epochs=$epochs stages.d2d.teacher.path=$TEACHER \
      stages.eval.kl_reference=$TEACHER "${models[@]}" "${args[@]}" > "$OUT/$name.log" 2>&1 &
   pids+=($!)
@@ -61,7 +65,7 @@ done
 for p in "${pids[@]}"; do wait "$p"; done
 kill $GUARD 2>/dev/null
 
-python3 - "$OUT" "${GRID[@]}" <<'PY' | tee "$OUT/probes.md"
+${PY:-python3} - "$OUT" "${GRID[@]}" <<'PY' | tee "$OUT/probes.md"
 import json, sys
 from pathlib import Path
 out, grid = Path(sys.argv[1]), sys.argv[2:]
