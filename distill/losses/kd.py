@@ -18,6 +18,10 @@ Teacher top-k (``top_k``): both distributions are reduced to the teacher's k mos
 renormalised over them (``tail_bucket=False``) or with one extra bucket holding the rest of the mass
 (``tail_bucket=True``); the divergence is then taken between the reduced distributions.
 
+Per-reply weights (``reply_weights``): each response token weighted 1 / its reply's length, so that every reply
+counts once whatever its length (a one-token "yes" as much as a 30-token caption); the weighted sum is then divided
+by the number of replies (``num_items_in_batch`` counts replies instead of tokens).
+
 ``paired_positions`` pairs the teacher's and the student's response positions through their label masks, so
 the two models may see different numbers of image tokens.
 
@@ -166,6 +170,18 @@ def shifted_response_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def reply_weights(mask: torch.Tensor) -> torch.Tensor:
+    """[N] weights of the positions ``mask`` [B, T] selects (in its row-major order): 1 / the length of the run of
+    consecutive selected positions in the row that holds each one. With a response mask a run is one reply (replies
+    are separated by the unlabelled user turn, and a packed row's records by their prompts), so each reply's
+    weights sum to 1."""
+    starts = mask.clone()
+    starts[:, 1:] &= ~mask[:, :-1]
+    run = torch.cumsum(starts.flatten().long(), 0)[mask.flatten()] - 1
+    lengths = torch.bincount(run)
+    return 1.0 / lengths[run].float()
+
+
 def paired_positions(student_labels: torch.Tensor, teacher_labels: torch.Tensor):
     """Matching (row, position) index pairs of the student's and the teacher's response predictions.
 
@@ -186,8 +202,9 @@ def paired_positions(student_labels: torch.Tensor, teacher_labels: torch.Tensor)
     return s_mask, t_mask, s_targets
 
 
-def _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of, matmul_dtype=None):
-    """Loss and its gradients chunk by chunk; ``kd_of(start, end, s_logits)`` gives a chunk's summed KD.
+def _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of, matmul_dtype=None, weights=None):
+    """Loss and its gradients chunk by chunk; ``kd_of(start, end, s_logits)`` gives a chunk's per-token KD [n].
+    ``weights`` [N] (``reply_weights``) scale each token's KD and CE before the sum; None: 1 each.
 
     The three LM-head matrix products (logits, grad of the hidden states, grad of the head) run in
     ``matmul_dtype`` (default: the hidden states' dtype); the head's gradient is still accumulated in its own dtype.
@@ -208,10 +225,11 @@ def _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of, 
         hs = h_s.detach()[start:end].to(mm)
         s_logits = (hs @ ws.t()).requires_grad_(True)
         with torch.enable_grad():
-            kd = kd_of(start, end, s_logits)
+            w = None if weights is None else weights[start:end]
+            kd = _weighted_sum(kd_of(start, end, s_logits), w)
             loss = alpha * kd
             if alpha < 1.0:
-                ce = F.cross_entropy(s_logits.float(), targets[start:end], reduction="sum")
+                ce = _weighted_sum(F.cross_entropy(s_logits.float(), targets[start:end], reduction="none"), w)
                 loss = loss + (1.0 - alpha) * ce
                 ce_sum += ce.detach()
             (g_logits,) = torch.autograd.grad(loss, [s_logits])
@@ -232,6 +250,10 @@ def _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of, 
     return loss, kd_sum / denom, ce_sum / denom
 
 
+def _weighted_sum(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return values.sum() if weights is None else (values * weights).sum()
+
+
 def _stored_grads(ctx, grad_loss):
     grad_h, grad_w = ctx.saved_tensors
     scale = grad_loss / ctx.denom
@@ -242,39 +264,44 @@ class _ChunkedKD(torch.autograd.Function):
     """Loss and its gradients computed chunk by chunk in forward; backward only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, targets, opts, alpha, chunk_size, denom, matmul_dtype):
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, opts, alpha, chunk_size, denom, matmul_dtype, weights):
         vocab = min(w_s.size(0), w_t.size(0))
         wt = w_t.detach()[:vocab]
 
         def kd_of(start: int, end: int, s_logits: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 t_logits = h_t[start:end] @ wt.t()
-            return token_divergence(s_logits, t_logits, opts).sum()
+            return token_divergence(s_logits, t_logits, opts)
 
-        return _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of, matmul_dtype)
+        return _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of, matmul_dtype, weights)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        return (*_stored_grads(ctx, grad_loss), None, None, None, None, None, None, None, None)
+        return (*_stored_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None)
 
 
 class _ChunkedSparseKD(torch.autograd.Function):
     """As ``_ChunkedKD``, against cached sparse teacher targets instead of the teacher's hidden states."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, t_ids, t_logp, t_tail, targets, opts, alpha, chunk_size, denom, vocab, matmul_dtype):
+    def forward(ctx, h_s, w_s, t_ids, t_logp, t_tail, targets, opts, alpha, chunk_size, denom, vocab, matmul_dtype,
+                weights):
         def kd_of(start: int, end: int, s_logits: torch.Tensor) -> torch.Tensor:
-            return sparse_token_divergence(s_logits, t_ids[start:end], t_logp[start:end], t_tail[start:end],
-                                           opts).sum()
+            return sparse_token_divergence(s_logits, t_ids[start:end], t_logp[start:end], t_tail[start:end], opts)
 
-        return _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of, matmul_dtype)
+        return _chunk_loop(ctx, h_s, w_s, vocab, targets, alpha, chunk_size, denom, kd_of, matmul_dtype, weights)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        return (*_stored_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None, None)
+        return (*_stored_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None, None, None)
 
 
-def _denominator(n: int, num_items_in_batch: torch.Tensor | int | None) -> float:
+def _items(n: int, weights: torch.Tensor | None) -> torch.Tensor | int:
+    """What the loss is divided by when the Trainer gives no count: the tokens, or the weights' sum (replies)."""
+    return n if weights is None else weights.sum()
+
+
+def _denominator(n: torch.Tensor | int, num_items_in_batch: torch.Tensor | int | None) -> float:
     denom = num_items_in_batch if num_items_in_batch is not None else n
     denom = float(denom.item()) if isinstance(denom, torch.Tensor) else float(denom)
     return max(denom, 1.0)
@@ -291,18 +318,20 @@ def chunked_kd_loss(
     chunk_size: int = 1024,
     num_items_in_batch: torch.Tensor | int | None = None,
     matmul_dtype: torch.dtype | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``alpha * KD + (1 - alpha) * CE`` from paired hidden states [N, H] and LM-head weights [V, H].
 
     Returns ``(loss, kd, ce)``; only ``loss`` carries gradients (into ``student_hidden`` and, if it requires
     grad, ``student_head``). ``targets`` are the response token ids, used by the CE term. ``matmul_dtype``
     (e.g. bf16 under mixed precision, where the hidden states and master weights are fp32): the dtype of the
-    student's LM-head products; the softmaxes and divergences stay in fp32 either way.
+    student's LM-head products; the softmaxes and divergences stay in fp32 either way. ``weights`` [N]: per-token
+    weights of both terms (``reply_weights``); the default divisor is then their sum.
     """
     opts = opts or KDOptions()
-    denom = _denominator(student_hidden.size(0), num_items_in_batch)
+    denom = _denominator(_items(student_hidden.size(0), weights), num_items_in_batch)
     return _ChunkedKD.apply(student_hidden, student_head, teacher_hidden.detach(), teacher_head.detach(), targets,
-                            opts, float(alpha), int(chunk_size), denom, matmul_dtype)
+                            opts, float(alpha), int(chunk_size), denom, matmul_dtype, weights)
 
 
 def chunked_sparse_kd_loss(
@@ -318,6 +347,7 @@ def chunked_sparse_kd_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     vocab_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``chunked_kd_loss`` against cached sparse teacher targets ([N, k] ids and log-probs, [N] tail log-mass).
 
@@ -328,6 +358,6 @@ def chunked_sparse_kd_loss(
     vocab = student_head.size(0) if vocab_size is None else int(vocab_size)
     if vocab > student_head.size(0):
         raise ValueError(f"teacher cache vocabulary ({vocab}) is larger than the student's ({student_head.size(0)})")
-    denom = _denominator(student_hidden.size(0), num_items_in_batch)
+    denom = _denominator(_items(student_hidden.size(0), weights), num_items_in_batch)
     return _ChunkedSparseKD.apply(student_hidden, student_head, target_ids, target_logp, target_tail, targets, opts,
-                                  float(alpha), int(chunk_size), denom, vocab, matmul_dtype)
+                                  float(alpha), int(chunk_size), denom, vocab, matmul_dtype, weights)

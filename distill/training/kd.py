@@ -30,6 +30,7 @@ from distill.losses.kd import (
     chunked_kd_loss,
     chunked_sparse_kd_loss,
     paired_positions,
+    reply_weights,
     shifted_response_mask,
 )
 from distill.models.student import ATTN_IMPLEMENTATIONS
@@ -55,11 +56,18 @@ class KDConfig(KDOptions):
     """dtype of the student's LM-head products inside the loss: ``auto`` is bf16 when the Trainer trains in bf16
     (the loss runs outside the forward's autocast, on fp32 hidden states and master weights) and the hidden
     states' dtype otherwise; or ``bf16`` / ``fp32``. Softmaxes and divergences are fp32 in every case."""
+    normalise: str = "tokens"
+    """How the summed loss is averaged: ``tokens`` (each response token counts once: long replies such as
+    captions dominate) or ``replies`` (each token weighted 1 / its reply's length, the sum divided by the number
+    of replies: a one-token answer counts as much as a caption; ``losses.kd.reply_weights``). Both are exact under
+    gradient accumulation (the Trainer counts tokens or replies over the accumulated batch)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.chunk_size < 0:
             raise ValueError("kd.chunk_size must be >= 0")
+        if self.normalise not in ("tokens", "replies"):
+            raise ValueError(f"kd.normalise={self.normalise!r}: expected 'tokens' or 'replies'")
         if self.head_dtype not in HEAD_DTYPES:
             raise ValueError(f"kd.head_dtype={self.head_dtype!r}: expected one of {sorted(HEAD_DTYPES)}")
 
@@ -222,6 +230,7 @@ class KDLoss:
         self.alpha = alpha
         self.placed = False
         self.matmul_dtype = cfg.matmul_dtype(bf16_training=False)
+        self.normalise = cfg.normalise  # what the DistillTrainer counts for num_items_in_batch
 
     def prepare(self, trainer: Any) -> None:
         """Place the teacher once the Trainer exists: partitioned under ZeRO-3, a replica otherwise; and pick the
@@ -255,9 +264,13 @@ class KDLoss:
         with gathered(head_s, head_t):  # ZeRO-3 shards: full weights for the loss only
             loss, kd, ce = chunked_kd_loss(
                 h_s, head_s, h_t.to(h_s.device), head_t.to(h_s.device), targets.to(h_s.device), self.cfg,
-                self.alpha, chunk, num_items_in_batch, self.matmul_dtype,
+                self.alpha, chunk, num_items_in_batch, self.matmul_dtype, self.weights(s_mask),
             )
         return loss, ({"kd": kd, "ce": ce} if self.alpha < 1.0 else {"kd": kd})
+
+    def weights(self, s_mask: torch.Tensor) -> torch.Tensor | None:
+        """Per-token weights of the student's response positions: 1 / reply length under ``normalise=replies``."""
+        return reply_weights(s_mask) if self.normalise == "replies" else None
 
     def cached_loss(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any):
         """As ``loss``, with the teacher's targets looked up in the cache by record id."""
@@ -280,7 +293,7 @@ class KDLoss:
             loss, kd, ce = chunked_sparse_kd_loss(
                 h_s, head_s, cached["ids"].to(dev), cached["logp"].to(dev), cached["tail"].to(dev), targets.to(dev),
                 self.cfg, self.alpha, chunk, num_items_in_batch, vocab_size=self.teacher.vocab_size,
-                matmul_dtype=self.matmul_dtype,
+                matmul_dtype=self.matmul_dtype, weights=self.weights(s_mask),
             )
         return loss, ({"kd": kd, "ce": ce} if self.alpha < 1.0 else {"kd": kd})
 

@@ -29,11 +29,20 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints
 
+from distill.losses.ce import IGNORE_INDEX
 from distill.training.resilience import STAGING, STATE_FILE, NonFiniteLossError, fault_point
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def reply_starts(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` with every response token but the first of each reply set to the ignore index."""
+    labelled = labels != IGNORE_INDEX
+    first = labelled.clone()
+    first[:, 1:] &= ~labelled[:, :-1]
+    return labels.masked_fill(~first, IGNORE_INDEX)
 
 
 class DistillTrainer(Trainer):
@@ -53,6 +62,8 @@ class DistillTrainer(Trainer):
         # Token losses divide by num_items_in_batch themselves, so the Trainer must not rescale them by the
         # accumulation steps; per-pair losses (preference) are means per micro-batch, which it must rescale.
         self.model_accepts_loss_kwargs = token_normalised
+        # kd.normalise=replies: num_items_in_batch counts the replies of the accumulated batch instead of its tokens
+        self.count_replies = getattr(loss_fn, "normalise", "tokens") == "replies"
         self._component_sums: dict[str, float] = {}
         self._component_since: int | None = None
 
@@ -72,6 +83,13 @@ class DistillTrainer(Trainer):
             for name, value in components.items():
                 self._component_sums[name] = self._component_sums.get(name, 0.0) + float(value.detach())
         return (loss, None) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """The Trainer's count (and its gather across ranks), over the reply starts instead of every response token
+        when the loss normalises per reply: a label is kept only where a reply begins."""
+        if self.count_replies and batch_samples and "labels" in batch_samples[0]:
+            batch_samples = [{**batch, "labels": reply_starts(batch["labels"])} for batch in batch_samples]
+        return super()._get_num_items_in_batch(batch_samples, device)
 
     def _track_num_input_tokens(self, inputs):
         # A packed batch (data.packing) has no padding and no attention mask: every token is real.

@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 from trl.experimental.gkd.gkd_trainer import GKDTrainer
 
-from distill.losses.kd import KDOptions, chunked_kd_loss, kd_loss, paired_positions, token_divergence
+from distill.losses.kd import (
+    KDOptions,
+    chunked_kd_loss,
+    chunked_sparse_kd_loss,
+    kd_loss,
+    paired_positions,
+    reply_weights,
+    token_divergence,
+)
 
 
 def _logits(seed: int, shape=(3, 5, 11)):
@@ -152,3 +160,49 @@ def test_paired_positions_handle_different_image_token_counts():
         paired_positions(s_labels, torch.tensor([[-100, -100, 7, 8, 5]]))
     with pytest.raises(ValueError, match="response lengths"):
         paired_positions(s_labels, torch.tensor([[-100, -100, 7, 8]]))
+
+
+def test_reply_weights_give_each_reply_a_total_of_one():
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 0],   # replies of 3 and 1 tokens
+                         [1, 1, 0, 1, 1, 1, 1, 1],   # a reply at the row start; 2 and 5 tokens
+                         [0, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    w = reply_weights(mask)
+    expected = torch.tensor([1 / 3] * 3 + [1.0] + [1 / 2] * 2 + [1 / 5] * 5)
+    torch.testing.assert_close(w, expected)
+    assert w.sum().item() == pytest.approx(4.0)  # four replies
+    run_across_rows = torch.tensor([[0, 1], [1, 0]], dtype=torch.bool)  # row ends split runs
+    torch.testing.assert_close(reply_weights(run_across_rows), torch.tensor([1.0, 1.0]))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_reply_weighted_chunked_equals_plain_weighted_mean(alpha):
+    """Each token's KD and CE times its weight, summed, divided by the weights' sum (the number of replies)."""
+    torch.manual_seed(1)
+    n, h, v = 11, 8, 30
+    hs = torch.randn(n, h, requires_grad=True)
+    ws = torch.randn(v, h, requires_grad=True)
+    ht, wt = torch.randn(n, h), torch.randn(v, h)
+    targets = torch.randint(0, v, (n,))
+    weights = reply_weights(torch.tensor([[0, 1, 1, 1, 0, 0, 1, 0], [1, 1, 0, 1, 1, 1, 1, 1]], dtype=torch.bool))
+    opts = KDOptions()
+
+    s_logits, t_logits = hs @ ws.t(), ht @ wt.t()
+    per_token = alpha * token_divergence(s_logits, t_logits, opts)
+    per_token = per_token + (1 - alpha) * F.cross_entropy(s_logits, targets, reduction="none")
+    plain = (per_token * weights).sum() / 4
+    g_plain = torch.autograd.grad(plain, [hs, ws])
+
+    loss, _, _ = chunked_kd_loss(hs, ws, ht, wt, targets, opts, alpha, chunk_size=3, weights=weights)
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(loss, [hs, ws]), g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the Trainer's reply count over the accumulated batch replaces the default divisor
+    loss8, _, _ = chunked_kd_loss(hs, ws, ht, wt, targets, opts, alpha, chunk_size=3, weights=weights,
+                                  num_items_in_batch=8)
+    torch.testing.assert_close(loss8, plain / 2)
+    # the sparse (teacher cache) path weights the same way: full-vocabulary targets give the live loss
+    t_logp = F.log_softmax(t_logits, -1)
+    ids = torch.arange(v).expand(n, v)
+    sparse, _, _ = chunked_sparse_kd_loss(hs, ws, ids, t_logp, torch.full((n,), -torch.inf), targets,
+                                          KDOptions(tail_bucket=True), alpha, chunk_size=3, weights=weights)
+    torch.testing.assert_close(sparse, plain, rtol=1e-4, atol=1e-5)

@@ -63,14 +63,17 @@ def test_d2d_lowers_kl_and_keeps_frozen_parts(tiny_world, artifacts, tmp_path, c
     assert metrics["last_logged"]["loss/kd"] > 0 and "loss/ce" not in metrics["last_logged"]  # alpha = 1
 
 
-def test_batch_8_equals_batch_2_times_accumulation_4(tiny_world, artifacts, tmp_path, cpu_training):
-    """One SGD step (lr 1, no clipping): the update is the gradient, so equal updates mean equal gradients."""
+@pytest.mark.parametrize("normalise", ["tokens", "replies"])
+def test_batch_8_equals_batch_2_times_accumulation_4(tiny_world, artifacts, tmp_path, cpu_training, normalise):
+    """One SGD step (lr 1, no clipping): the update is the gradient, so equal updates mean equal gradients. With
+    kd.normalise=replies the Trainer counts the accumulated batch's replies instead of its tokens."""
     base = {**cpu_training, "max_steps": 1, "optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 0.0,
             "weight_decay": 0.0, "lr_scheduler_type": "constant"}
     runs = {}
     for name, (bs, ga) in {"b8": (8, 1), "b2x4": (2, 4)}.items():
         cfg = _config(tiny_world, artifacts, {**base, "per_device_train_batch_size": bs,
-                                              "gradient_accumulation_steps": ga}, alpha=0.5, limit=8)
+                                              "gradient_accumulation_steps": ga}, alpha=0.5, limit=8,
+                      kd={"normalise": normalise})
         set_seed(0)
         metrics = cfg.run(StageContext(name=name, run_dir=tmp_path, training=cfg.training))
         runs[name] = (metrics, load_vlm(tmp_path / name / "model")[0].state_dict())
