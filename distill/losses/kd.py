@@ -182,6 +182,15 @@ def reply_weights(mask: torch.Tensor) -> torch.Tensor:
     return 1.0 / lengths[run].float()
 
 
+def reply_starts(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` with every response token but the first of each reply set to the ignore index: counting its
+    labels counts replies (what ``num_items_in_batch`` holds under per-reply normalisation)."""
+    labelled = labels != IGNORE_INDEX
+    first = labelled.clone()
+    first[:, 1:] &= ~labelled[:, :-1]
+    return labels.masked_fill(~first, IGNORE_INDEX)
+
+
 def paired_positions(student_labels: torch.Tensor, teacher_labels: torch.Tensor):
     """Matching (row, position) index pairs of the student's and the teacher's response predictions.
 

@@ -47,6 +47,7 @@ def response_token_logps(
     mask = shifted_response_mask(labels)
     rows, targets = hidden[mask], labels[:, 1:][mask[:, :-1]]
     step = chunk_size if chunk_size and not torch.is_grad_enabled() else max(rows.size(0), 1)
+    rows = rows.to(head.weight.dtype)  # outside the forward's autocast: a bf16 head (frozen_dtype) takes bf16 rows
     parts = [-F.cross_entropy(head(rows[i:i + step]).float(), targets[i:i + step], reduction="none")
              for i in range(0, rows.size(0), step)]
     tok = torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)

@@ -25,6 +25,7 @@ from distill.stages.imitation import build_collator
 from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass, check_precision
 from distill.training.context import StageContext
 from distill.training.kd import KDConfig, TeacherConfig, open_teacher
+from distill.training.kernels import apply_kernels
 from distill.training.moe import RouterRecorder, SparseKDLoss, write_load_heatmap
 from distill.training.supervised import check_packing, fit_data, load_conversations, load_model, set_trainable, train
 
@@ -84,10 +85,11 @@ class SparseImitationConfig:
 
 
 def run(cfg: SparseImitationConfig, ctx: StageContext) -> dict[str, Any]:
-    dense, processor = load_model(cfg.model)
+    dense, processor = load_model(cfg.model, kernels=False)
     default_chat_template(processor, cfg.data.template)
     model = upcycle(dense, cfg.upcycle)
     del dense
+    apply_kernels(model, cfg.model.kernels)  # on the upcycled model: upcycling builds new layers
     set_experts_implementation(model, cfg.experts_implementation)
     total, active = parameter_counts(model, cfg.upcycle.top_k)
     teacher, teacher_processor = open_teacher(cfg.teacher, cfg.kd, cfg.data.template, cfg.data.max_length)

@@ -77,9 +77,10 @@ class ModelInit:
     ``training.optim=adamw_torch_8bit`` with ``training.optim_args=bf16_stochastic_round=True`` (torchao)."""
     frozen_dtype: str | None = None
     """The dtype of the parameters the stage does not train (a frozen vision tower, the upcycled student's attention
-    ...), cast after the trainable ones are chosen; None: as ``weights_dtype``. ``bfloat16`` halves them; under bf16
-    autocast their matrix products run in bf16 already, so what changes is the fp32 ops' inputs (norms) reading
-    rounded weights, and the saved artifact holds those parts rounded to bf16."""
+    ...), cast after the trainable ones are chosen (LoRA base layers excepted); None: as ``weights_dtype``.
+    ``bfloat16`` halves them. Under bf16 autocast their matrix products ran in bf16 already; what changes: fp32 ops
+    (norms) read rounded weights, a frozen embedding table hands bf16 activations to the LLM (D2S and preference
+    freeze it: the residual stream then starts in bf16), and the saved artifact holds those parts rounded to bf16."""
     kernels: list[str] = field(default_factory=list)
     """Opt-in GPU kernels for the LLM (distill/training/kernels.py): ``liger`` (liger-kernel's fused RMSNorm,
     SwiGLU and RoPE), ``compile`` (regional torch.compile of the decoder layers). Empty: transformers' own."""

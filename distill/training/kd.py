@@ -68,6 +68,9 @@ class KDConfig(KDOptions):
             raise ValueError("kd.chunk_size must be >= 0")
         if self.normalise not in ("tokens", "replies"):
             raise ValueError(f"kd.normalise={self.normalise!r}: expected 'tokens' or 'replies'")
+        if self.normalise == "replies" and self.distill_all_tokens:
+            raise ValueError("kd.normalise=replies with kd.distill_all_tokens: every text token is labelled, so there "
+                             "are no replies to weight; use one or the other")
         if self.head_dtype not in HEAD_DTYPES:
             raise ValueError(f"kd.head_dtype={self.head_dtype!r}: expected one of {sorted(HEAD_DTYPES)}")
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill.losses.kd import reply_starts
 from distill.losses.router import expert_load, load_balancing_loss, micro_batch_share, router_entropy, router_z_loss
 from distill.models.modality import router_token_masks
 from distill.models.upcycle import moe_blocks
@@ -55,6 +56,12 @@ class RouterRecorder:
             handle.remove()
 
 
+def router_share(labels: torch.Tensor, num_items_in_batch: Any, normalise: str) -> torch.Tensor | float:
+    """``micro_batch_share`` in the unit ``num_items_in_batch`` counts (tokens, or replies under
+    ``kd.normalise=replies``), so that a step's shares add up to 1 either way."""
+    return micro_batch_share(reply_starts(labels) if normalise == "replies" else labels, num_items_in_batch)
+
+
 class SparseKDLoss(KDLoss):
     """KD (+ CE) as in D2D, plus the load-balancing loss (and optional z-loss), each counted once per step."""
 
@@ -73,7 +80,7 @@ class SparseKDLoss(KDLoss):
         router_logits = self.recorder.take_valid(inputs.get("attention_mask"))  # padding rows already cut
         # KD and CE are sums over the step's tokens divided by their count; the router terms are means per
         # micro-batch, so each is weighted by this micro-batch's share of those tokens to count once per step.
-        share = micro_batch_share(inputs["labels"], num_items_in_batch)
+        share = router_share(inputs["labels"], num_items_in_batch, self.normalise)
         aux = load_balancing_loss(router_logits, self.top_k, layers=self.aux_layers)
         loss = loss + self.aux_coef * share * aux
         parts["aux"] = aux.detach() * share

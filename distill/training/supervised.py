@@ -28,16 +28,18 @@ from distill.training.trainer import DistillTrainer, LossFn, training_arguments
 log = logging.getLogger(__name__)
 
 
-def load_model(init: ModelInit) -> tuple[PreTrainedModel, ProcessorMixin]:
+def load_model(init: ModelInit, kernels: bool = True) -> tuple[PreTrainedModel, ProcessorMixin]:
     """The trainable model in ``init.weights_dtype`` (fp32 master weights by default; mixed precision comes from
-    the trainer settings)."""
+    the trainer settings), with ``init.kernels`` applied unless ``kernels=False`` (D2S applies them to the model it
+    upcycles from this one)."""
     dtype = MODEL_DTYPES[init.weights_dtype]
     if init.artifact is not None:
         model, processor = load_vlm(init.artifact, dtype=dtype)
     else:
         model, processor = build_student(init.parts, dtype=dtype)
     model.set_attn_implementation(resolve_attn_implementation(init.attn_implementation))
-    apply_kernels(model, init.kernels)
+    if kernels:
+        apply_kernels(model, init.kernels)
     return model, processor
 
 
@@ -51,9 +53,12 @@ def set_trainable(model: torch.nn.Module, init: ModelInit, modes: dict[str, str]
 
 
 def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Cast the floating-point parameters that do not require grad to ``dtype``; returns how many elements."""
+    """Cast the floating-point parameters that do not require grad to ``dtype`` (LoRA base layers excepted: their
+    merged update would be rounded to it); returns how many elements."""
     cast = 0
-    for param in model.parameters():
+    for name, param in model.named_parameters():
+        if ".base_layer." in name:  # a LoRA layer's base: merge_lora adds the fp32 update into it at the end
+            continue
         if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
             cast += param.numel()

@@ -29,20 +29,12 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints
 
-from distill.losses.ce import IGNORE_INDEX
+from distill.losses.kd import reply_starts
 from distill.training.resilience import STAGING, STATE_FILE, NonFiniteLossError, fault_point
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-def reply_starts(labels: torch.Tensor) -> torch.Tensor:
-    """``labels`` with every response token but the first of each reply set to the ignore index."""
-    labelled = labels != IGNORE_INDEX
-    first = labelled.clone()
-    first[:, 1:] &= ~labelled[:, :-1]
-    return labels.masked_fill(~first, IGNORE_INDEX)
 
 
 class DistillTrainer(Trainer):

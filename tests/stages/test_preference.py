@@ -30,7 +30,7 @@ def artifacts(tiny_world, tmp_path_factory):
 
 def _cfg(tiny_world, artifacts, training, **kw):
     return PreferenceConfig(
-        model={"artifact": str(artifacts / "student")}, teacher={"path": str(artifacts / "teacher")},
+        model=kw.pop("model", {"artifact": str(artifacts / "student")}), teacher={"path": str(artifacts / "teacher")},
         data={"train": [str(tiny_world["data"] / "preference.json")], "image_root": str(tiny_world["images"])},
         training=training, **kw)
 
@@ -75,3 +75,15 @@ def test_stage_trains_student_and_leaves_teacher(tiny_world, artifacts, tmp_path
     assert changed and all(".mlp." in n or "multi_modal_projector" in n for n in changed)
     last = metrics["last_logged"]
     assert {"loss/pref", "loss/rewards/chosen", "loss/rewards/accuracy", "loss/aux"} <= set(last)
+
+
+def test_stage_runs_with_frozen_parts_in_bf16(tiny_world, artifacts, tmp_path, cpu_training):
+    """model.frozen_dtype=bfloat16 freezes the LM head in bf16; the reference and policy log-probs take bf16 rows
+    outside the forward's autocast (fp32 rows into a bf16 head would raise)."""
+    cfg = _cfg(tiny_world, artifacts, {**cpu_training, "max_steps": 2, "learning_rate": 1e-3, "bf16": True},
+               model={"artifact": str(artifacts / "student"), "frozen_dtype": "bfloat16"}, loss_type="sigmoid")
+    metrics = cfg.run(StageContext(name="pref", run_dir=tmp_path, training=cfg.training))
+    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
+    before = load_vlm(artifacts / "student")[0].state_dict()
+    after = load_vlm(tmp_path / "pref" / "model", dtype=torch.float32)[0].state_dict()
+    assert any(not torch.equal(before[n], after[n]) for n in before if ".mlp." in n)
