@@ -170,14 +170,19 @@ def shifted_response_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def _run_starts(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the first position of each run of consecutive True positions in a row of ``mask``."""
+    starts = mask.clone()
+    starts[:, 1:] &= ~mask[:, :-1]
+    return starts
+
+
 def reply_weights(mask: torch.Tensor) -> torch.Tensor:
     """[N] weights of the positions ``mask`` [B, T] selects (in its row-major order): 1 / the length of the run of
     consecutive selected positions in the row that holds each one. With a response mask a run is one reply (replies
     are separated by the unlabelled user turn, and a packed row's records by their prompts), so each reply's
     weights sum to 1."""
-    starts = mask.clone()
-    starts[:, 1:] &= ~mask[:, :-1]
-    run = torch.cumsum(starts.flatten().long(), 0)[mask.flatten()] - 1
+    run = torch.cumsum(_run_starts(mask).flatten().long(), 0)[mask.flatten()] - 1
     lengths = torch.bincount(run)
     return 1.0 / lengths[run].float()
 
@@ -185,10 +190,7 @@ def reply_weights(mask: torch.Tensor) -> torch.Tensor:
 def reply_starts(labels: torch.Tensor) -> torch.Tensor:
     """``labels`` with every response token but the first of each reply set to the ignore index: counting its
     labels counts replies (what ``num_items_in_batch`` holds under per-reply normalisation)."""
-    labelled = labels != IGNORE_INDEX
-    first = labelled.clone()
-    first[:, 1:] &= ~labelled[:, :-1]
-    return labels.masked_fill(~first, IGNORE_INDEX)
+    return labels.masked_fill(~_run_starts(labels != IGNORE_INDEX), IGNORE_INDEX)
 
 
 def paired_positions(student_labels: torch.Tensor, teacher_labels: torch.Tensor):
