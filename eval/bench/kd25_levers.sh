@@ -1,5 +1,6 @@
 #!/bin/bash
-# issue 25 levers, one warm H100: bash .whl/kd25.sh
+# issue 25 levers, one warm H100: STEPS="base liger ..." BUDGET=560 bash eval/bench/kd25_levers.sh
+# (old_* rows: the package in .whl/base, e.g. git archive <rev> distill | tar -x -C .whl/base)
 T0=$(date +%s)
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -8,7 +9,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 date -u
 left() { echo $(( ${BUDGET:-585} - ($(date +%s) - T0) )); }
 P=$(python3 eval/bench/kd_throughput.py --measure-peak --quiet); echo "peak $P  ($(( $(date +%s) - T0 )) s)"
-B="python3 eval/bench/kd_throughput.py --stage d2d --student 1.5b --micro-batch 8 --packing --attn flex_attention --peak-flops $P --out $OUT/rows.jsonl"
+BASE="python3 eval/bench/kd_throughput.py --micro-batch 8 --packing --attn flex_attention --peak-flops $P --out $OUT/rows.jsonl"
+D2D="--stage d2d --student 1.5b"; D2S="--stage d2s --student 0.5b"
 run() {  # name, min seconds needed, args...
   local name=$1 need=$2; shift 2
   local l=$(left)
@@ -16,12 +18,15 @@ run() {  # name, min seconds needed, args...
   echo "=== $name: $* (left $l s, $(date -u +%H:%M:%S))"
   local t=$(date +%s)
   local cap=$(( l - 5 )); [ -n "$CAP" ] && [ $CAP -lt $cap ] && cap=$CAP
-  timeout $cap $B "$@" > /tmp/$name.out 2> /tmp/$name.err
+  timeout $cap $BASE ${WORKLOAD:-$D2D} "$@" > /tmp/$name.out 2> /tmp/$name.err
   echo "rc=$? $(( $(date +%s) - t )) s"; grep '^|' /tmp/$name.out; grep -v '^{' /tmp/$name.out | grep -v '^|' | tail -3
   grep -ci "recompil" /tmp/$name.err | sed 's/^/recompile log lines: /'; grep -iv "USDT\|warn" /tmp/$name.err | tail -4
 }
 for step in ${STEPS:-prof_base base liger ours_base ours_liger compile vision prof_liger}; do
   case $step in
+    old_base) PYTHONPATH=$PWD/.whl/base:/tmp/site run old_base 50 --variant bare --phases --steps 6 --warmup 3;;
+    old_ours) PYTHONPATH=$PWD/.whl/base:/tmp/site run old_ours 60 --variant ours --steps 6 --warmup 3 --workers 8;;
+    old_prof) PYTHONPATH=$PWD/.whl/base:/tmp/site run old_prof 60 --variant bare --steps 3 --warmup 3 --profile /tmp/prof_old --profile-no-trace; cp /tmp/prof_old/summary.md $OUT/prof_old_summary.md;;
     prof_base) run prof_base 60 --variant bare --steps 3 --warmup 3 --profile /tmp/prof_base --profile-no-trace; cp /tmp/prof_base/summary.md $OUT/prof_base_summary.md; cp /tmp/prof_base/ops.txt $OUT/prof_base_ops.txt;;
     base) run base 50 --variant bare --phases --steps 6 --warmup 3;;
     liger) run liger 50 --variant bare --phases --steps 6 --warmup 3 --kernels liger;;
@@ -30,6 +35,16 @@ for step in ${STEPS:-prof_base base liger ours_base ours_liger compile vision pr
     vision) run vision 50 --variant bare --phases --steps 6 --warmup 3 --savers frozen_bf16;;
     compile) CAP=150 TORCH_LOGS=recompiles run compile 90 --variant bare --phases --steps 6 --warmup 3 --kernels compile;;
     liger_compile) TORCH_LOGS=recompiles run liger_compile 90 --variant bare --phases --steps 6 --warmup 3 --kernels liger compile;;
+    liger_compile_prof) TORCH_LOGS=recompiles run liger_compile_prof 90 --variant bare --steps 3 --warmup 3 --kernels liger compile --profile /tmp/prof_lc --profile-no-trace; cp /tmp/prof_lc/summary.md $OUT/prof_liger_compile_summary.md;;
+    ours_compile) CAP=150 TORCH_LOGS=recompiles run ours_compile 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels compile;;
+    ours_liger_compile) CAP=150 TORCH_LOGS=recompiles run ours_liger_compile 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels liger compile;;
+    savers_speed) run savers_speed 50 --variant bare --phases --steps 6 --warmup 3 --savers frozen_bf16 adam8bit weights_bf16;;
+    d2s_base) WORKLOAD=$D2S run d2s_base 60 --variant ours --steps 6 --warmup 3 --workers 8;;
+    d2s_liger) WORKLOAD=$D2S run d2s_liger 60 --variant ours --steps 6 --warmup 3 --workers 8 --kernels liger;;
+    d2s_compile) CAP=150 WORKLOAD=$D2S TORCH_LOGS=recompiles run d2s_compile 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels compile;;
+    d2s_liger_compile) CAP=150 WORKLOAD=$D2S TORCH_LOGS=recompiles run d2s_liger_compile 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels liger compile;;
+    d2s_mb12) CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12 60 --variant bare --steps 3 --warmup 1 --micro-batch 12;;
+    d2s_prof) WORKLOAD=$D2S run d2s_prof 60 --variant bare --steps 3 --warmup 3 --profile /tmp/prof_d2s --profile-no-trace; cp /tmp/prof_d2s/summary.md $OUT/prof_d2s_summary.md;;
     prof_liger) run prof_liger 50 --variant bare --steps 3 --warmup 3 --kernels liger --profile /tmp/prof_liger --profile-no-trace; cp /tmp/prof_liger/summary.md $OUT/prof_liger_summary.md;;
   esac
 done

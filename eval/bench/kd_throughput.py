@@ -467,6 +467,11 @@ class Clock:
         if self.cuda:
             torch.cuda.synchronize()
         self.marks.append(time.perf_counter())
+        if self.cuda and len(self.marks) > 1:  # progress, for a run that stalls: step time, memory, allocator retries
+            stats = torch.cuda.memory_stats()
+            print(f"step {len(self.marks) - 1}: {self.marks[-1] - self.marks[-2]:.3f} s, "
+                  f"{stats.get('allocated_bytes.all.peak', 0) / 2**30:.1f} GiB peak, "
+                  f"{stats.get('num_alloc_retries', 0)} allocator retries", file=sys.stderr, flush=True)
         if self.graphs is not None:
             self.graph_marks.append(self.graphs())
         if self.profiler is not None:
@@ -1328,6 +1333,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         "trainable_m": sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6,
         "params_teacher_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
         "peak_gib": peak_gib, "reserved_gib": reserved_gib, "peak_flops": peak, "first_loss": state.get("first_loss"),
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else None,
         "timed_steps": len(timed),
     })
     if clock.graph_marks:  # graphs compiled by the end of each step; after the warm-up = recompilations
