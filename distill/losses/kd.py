@@ -193,11 +193,24 @@ def reply_starts(labels: torch.Tensor) -> torch.Tensor:
     return labels.masked_fill(~_run_starts(labels != IGNORE_INDEX), IGNORE_INDEX)
 
 
+def flat_positions(mask: torch.Tensor) -> torch.Tensor:
+    """The flat indices of ``mask``'s True positions (row-major, the order boolean indexing gives). Computed on the
+    host from the collator's labels and sent ahead, they let ``select_positions`` run on the GPU without a host
+    synchronisation (boolean indexing there needs one, to size its result)."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
+def select_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[mask]`` for ``index = flat_positions(mask, ...)``: rows of ``x`` [B, T, ...] at the flat positions."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, index)
+
+
 def paired_positions(student_labels: torch.Tensor, teacher_labels: torch.Tensor):
     """Matching (row, position) index pairs of the student's and the teacher's response predictions.
 
     Returns ``(student_mask, teacher_mask, targets)``: boolean [B, T_s] and [B, T_t] masks selecting the same
-    response tokens in the same order, and the target token ids [N]. Raises if the response tokens differ.
+    response tokens in the same order, and the target token ids [N]. Raises if the response tokens differ. Cheapest
+    on the host (labels as the collator made them): on a GPU its checks synchronise.
     """
     s_mask, t_mask = shifted_response_mask(student_labels), shifted_response_mask(teacher_labels)
     s_rows, t_rows = s_mask.sum(1), t_mask.sum(1)
@@ -312,10 +325,13 @@ def _items(n: int, weights: torch.Tensor | None) -> torch.Tensor | int:
     return n if weights is None else weights.sum()
 
 
-def _denominator(n: torch.Tensor | int, num_items_in_batch: torch.Tensor | int | None) -> float:
+def _denominator(n: torch.Tensor | int, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | float:
+    """The divisor, at least 1. A tensor count stays a tensor on its device: reading it on the host would stop the
+    host from queueing the step's work ahead of the GPU."""
     denom = num_items_in_batch if num_items_in_batch is not None else n
-    denom = float(denom.item()) if isinstance(denom, torch.Tensor) else float(denom)
-    return max(denom, 1.0)
+    if isinstance(denom, torch.Tensor):
+        return denom.detach().float().clamp_min(1.0)
+    return max(float(denom), 1.0)
 
 
 def chunked_kd_loss(

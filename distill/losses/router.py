@@ -82,7 +82,9 @@ def expert_load(router_logits: Sequence[torch.Tensor], top_k: int, mask: torch.T
     for logits in router_logits:
         logits = _valid(logits, mask).detach()
         chosen = logits.topk(top_k, dim=-1).indices
-        counts = torch.bincount(chosen.reshape(-1), minlength=logits.size(-1)).float()
+        chosen = chosen.reshape(-1)  # counted by scatter: bincount on a GPU reads its maximum back to the host
+        counts = torch.zeros(logits.size(-1), dtype=torch.long, device=chosen.device)
+        counts = counts.scatter_add_(0, chosen, torch.ones_like(chosen)).float()
         rows.append(counts / counts.sum().clamp_min(1))
     return torch.stack(rows)
 

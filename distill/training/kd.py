@@ -29,8 +29,10 @@ from distill.losses.kd import (
     KDOptions,
     chunked_kd_loss,
     chunked_sparse_kd_loss,
+    flat_positions,
     paired_positions,
     reply_weights,
+    select_positions,
     shifted_response_mask,
 )
 from distill.models.student import ATTN_IMPLEMENTATIONS
@@ -254,20 +256,24 @@ class KDLoss:
         return run_in_forward(model, self.loss, model, inputs, num_items_in_batch)
 
     def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
+        # The positions, targets and weights come from the labels on the host (one copy each at the step's start):
+        # on the GPU, finding them would stop the host several times a step, waiting for the GPU to drain.
         # With distill_all_tokens the collator labelled every text token, so "labels" covers them.
-        s_mask, t_mask, targets = paired_positions(inputs["labels"], inputs["teacher_labels"])
+        s_mask, t_mask, targets = paired_positions(_host(inputs["labels"]), _host(inputs["teacher_labels"]))
         device = inputs["input_ids"].device
+        s_idx, t_idx = _to(flat_positions(s_mask), device), _to(flat_positions(t_mask), device)
+        targets, weights = _to(targets, device), _to(self.weights(s_mask), device)
         t_inputs = {k: v.to(device) for k, v in split_inputs(inputs, "teacher_", self.teacher.dtype).items()}
         with torch.no_grad():
-            h_t = last_hidden(self.teacher, t_inputs)[t_mask.to(device)]
-        h_s = last_hidden(model, split_inputs(inputs))[s_mask]
+            h_t = select_positions(last_hidden(self.teacher, t_inputs), t_idx)
+        h_s = select_positions(last_hidden(model, split_inputs(inputs)), s_idx)
         head_s = unwrap(model).get_output_embeddings().weight
         head_t = unwrap(self.teacher).get_output_embeddings().weight
         chunk = self.cfg.chunk_size or max(h_s.size(0), 1)
         with gathered(head_s, head_t):  # ZeRO-3 shards: full weights for the loss only
             loss, kd, ce = chunked_kd_loss(
-                h_s, head_s, h_t.to(h_s.device), head_t.to(h_s.device), targets.to(h_s.device), self.cfg,
-                self.alpha, chunk, num_items_in_batch, self.matmul_dtype, self.weights(s_mask),
+                h_s, head_s, h_t.to(h_s.device), head_t.to(h_s.device), targets, self.cfg,
+                self.alpha, chunk, num_items_in_batch, self.matmul_dtype, weights,
             )
         return loss, ({"kd": kd, "ce": ce} if self.alpha < 1.0 else {"kd": kd})
 
@@ -277,28 +283,41 @@ class KDLoss:
 
     def cached_loss(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any):
         """As ``loss``, with the teacher's targets looked up in the cache by record id."""
-        labels = inputs["labels"]
+        labels = _host(inputs["labels"])
         s_mask = shifted_response_mask(labels)
         targets = labels[:, 1:][s_mask[:, :-1]]
         cached = self.teacher.lookup(inputs["record_ids"])
         expected = cached["lengths"]
         if expected.numel() != labels.size(0):  # a packed batch: one row holds every record
             expected = expected.sum(0, keepdim=True)
-        if not torch.equal(expected, s_mask.sum(1).cpu()) or not torch.equal(
-                cached["targets"].long(), targets.cpu()):
+        if not torch.equal(expected, s_mask.sum(1)) or not torch.equal(cached["targets"].long(), targets):
             raise ValueError(f"teacher cache {self.teacher.root}: the cached response tokens differ from the "
                              "student's for these records (another tokenizer, template or max_length?)")
-        h_s = last_hidden(model, split_inputs(inputs))[s_mask]
+        dev = inputs["input_ids"].device
+        h_s = select_positions(last_hidden(model, split_inputs(inputs)), _to(flat_positions(s_mask), dev))
         head_s = unwrap(model).get_output_embeddings().weight
         chunk = self.cfg.chunk_size or max(h_s.size(0), 1)
-        dev = h_s.device
         with gathered(head_s):
             loss, kd, ce = chunked_sparse_kd_loss(
-                h_s, head_s, cached["ids"].to(dev), cached["logp"].to(dev), cached["tail"].to(dev), targets.to(dev),
-                self.cfg, self.alpha, chunk, num_items_in_batch, vocab_size=self.teacher.vocab_size,
-                matmul_dtype=self.matmul_dtype, weights=self.weights(s_mask),
+                h_s, head_s, _to(cached["ids"], dev), _to(cached["logp"], dev), _to(cached["tail"], dev),
+                _to(targets, dev), self.cfg, self.alpha, chunk, num_items_in_batch,
+                vocab_size=self.teacher.vocab_size, matmul_dtype=self.matmul_dtype,
+                weights=_to(self.weights(s_mask), dev),
             )
         return loss, ({"kd": kd, "ce": ce} if self.alpha < 1.0 else {"kd": kd})
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    return t if t.device.type == "cpu" else t.cpu()
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A host tensor sent to ``device`` without the host waiting for the copy (pinned first, for a GPU)."""
+    if t is None or t.device == torch.device(device):
+        return t
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def open_teacher(

@@ -89,10 +89,11 @@ class SparseKDLoss(KDLoss):
             loss = loss + self.z_coef * share * z
             parts["z"] = z.detach() * share
         if model.training:
-            load = expert_load(router_logits, self.top_k).cpu()
-            self.load_sum += load
+            # kept on the device (read once, at the stage's end): no host read per micro-batch
+            load = expert_load(router_logits, self.top_k)
+            self.load_sum = self.load_sum.to(load.device) + load
             self.batches += 1
-            entropy = router_entropy(router_logits).cpu()
+            entropy = router_entropy(router_logits)
             for row, (layer, _) in enumerate(self.recorder.blocks):
                 parts[f"router_entropy/L{layer}"] = entropy[row]
                 for e in range(load.size(1)):
@@ -100,7 +101,7 @@ class SparseKDLoss(KDLoss):
         return loss, parts
 
     def mean_load(self) -> torch.Tensor:
-        return self.load_sum / max(self.batches, 1)
+        return self.load_sum.cpu() / max(self.batches, 1)
 
 
 def write_load_heatmap(load: torch.Tensor, layers: list[int], out_dir: Path) -> dict[str, str]:

@@ -56,7 +56,7 @@ class DistillTrainer(Trainer):
         self.model_accepts_loss_kwargs = token_normalised
         # kd.normalise=replies: num_items_in_batch counts the replies of the accumulated batch instead of its tokens
         self.count_replies = getattr(loss_fn, "normalise", "tokens") == "replies"
-        self._component_sums: dict[str, float] = {}
+        self._component_sums: dict[str, torch.Tensor | float] = {}
         self._component_since: int | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -72,8 +72,9 @@ class DistillTrainer(Trainer):
         if model.training:
             if self._component_since is None:
                 self._component_since = self.state.global_step
-            for name, value in components.items():
-                self._component_sums[name] = self._component_sums.get(name, 0.0) + float(value.detach())
+            for name, value in components.items():  # summed where they are: no host read per micro-batch
+                value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+                self._component_sums[name] = self._component_sums.get(name, 0.0) + value
         return (loss, None) if return_outputs else loss
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
@@ -150,7 +151,8 @@ class DistillTrainer(Trainer):
         if "loss" in logs and self._component_sums:
             steps = max(self.state.global_step - (self._component_since or 0), 1)
             names = sorted(self._component_sums)
-            totals = torch.tensor([self._component_sums[n] for n in names], device=self.args.device)
+            totals = torch.stack([torch.as_tensor(self._component_sums[n], dtype=torch.float32).to(self.args.device)
+                                  for n in names])
             if self.accelerator.num_processes > 1:  # every rank logs at the same steps: average their shares
                 totals = self.accelerator.reduce(totals, reduction="mean")
             for name, total in zip(names, totals.tolist()):

@@ -45,3 +45,48 @@ def test_d2d_step_on_cuda_bf16(tiny_world, tmp_path):
     )
     metrics = cfg.run(StageContext(name="d2d", run_dir=tmp_path, training=cfg.training))
     assert metrics["global_step"] == 3 and torch.isfinite(torch.tensor(metrics["train_loss"]))
+
+
+def test_kd_loss_reads_nothing_back_from_the_gpu_but_the_labels(tiny_world, tiny_artifacts):
+    """KDLoss finds the paired positions, targets and reply weights on the host: its own code (the loss modules)
+    makes no host-device synchronisation but the step-start copy of each model's labels. (Model forwards may still
+    synchronise inside transformers; those are not counted here.)"""
+    import warnings
+    from pathlib import Path
+
+    import distill.losses.kd as losses_kd
+    import distill.training.kd as training_kd
+    from distill.data.formats import load_llava_json
+    from distill.models.student import load_vlm
+    from distill.stages.imitation import ImitationConfig, build_collator
+    from distill.training.kd import KDConfig, KDLoss
+
+    student, sproc = load_vlm(tiny_artifacts / "student")
+    teacher, tproc = load_vlm(tiny_artifacts / "teacher")
+    student, teacher = student.cuda().train(), teacher.cuda().eval()
+    data = ImitationConfig(model={"artifact": str(tiny_artifacts / "student")},
+                           teacher={"path": str(tiny_artifacts / "teacher")},
+                           data={"train": [str(tiny_world["data"] / "instruct.json")],
+                                 "image_root": str(tiny_world["images"])}).data
+    ds, _ = load_llava_json(tiny_world["data"] / "instruct.json", tiny_world["images"])
+    for normalise in ("tokens", "replies"):
+        cfg = KDConfig(normalise=normalise, chunk_size=16)
+        batch = build_collator(data, cfg, sproc, tproc)([ds[i] for i in range(8)])
+        batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        loss_fn = KDLoss(teacher, cfg, alpha=0.5)
+        num_items = (batch["labels"][:, 1:] != -100).sum()
+        torch.cuda.synchronize()
+        ours = {Path(losses_kd.__file__).resolve(), Path(training_kd.__file__).resolve()}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loss, parts = loss_fn(student, batch, num_items)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [(Path(w.filename).name, w.lineno) for w in caught
+                 if "synchroniz" in str(w.message) and Path(w.filename).resolve() in ours]
+        # the two label copies (student's and teacher's) are the only ones
+        assert len(syncs) <= 2, syncs
+        assert torch.isfinite(loss) and set(parts) == {"kd", "ce"}
+        loss.backward()
