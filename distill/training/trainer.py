@@ -57,6 +57,7 @@ class DistillTrainer(Trainer):
         # kd.normalise=replies: num_items_in_batch counts the replies of the accumulated batch instead of its tokens
         self.count_replies = getattr(loss_fn, "normalise", "tokens") == "replies"
         self._component_sums: dict[str, torch.Tensor | float] = {}
+        self._tokens_pending: torch.Tensor | int = 0
         self._component_since: int | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -85,13 +86,31 @@ class DistillTrainer(Trainer):
         return super()._get_num_items_in_batch(batch_samples, device)
 
     def _track_num_input_tokens(self, inputs):
-        # A packed batch (data.packing) has no padding and no attention mask: every token is real.
-        packed = "attention_mask" not in inputs and "position_ids" in inputs
-        if packed and self.args.include_num_input_tokens_seen != "no":
-            tokens = torch.as_tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
-            self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+        """The tokens seen, counted where they are and added to ``state.num_input_tokens_seen`` at the next log or
+        checkpoint (``_flush_tokens``): the Trainer's own count reads the GPU back every micro-batch. A packed batch
+        (data.packing) has no padding and no attention mask: every token is real."""
+        mode = self.args.include_num_input_tokens_seen
+        if mode in ("no", False):
             return
-        super()._track_num_input_tokens(inputs)
+        packed = "attention_mask" not in inputs and "position_ids" in inputs
+        if packed or mode in ("all", True):
+            tokens = inputs["input_ids"].numel()
+        elif "attention_mask" in inputs:
+            tokens = inputs["attention_mask"].sum()
+        else:
+            return super()._track_num_input_tokens(inputs)
+        self._tokens_pending = self._tokens_pending + tokens
+
+    def _flush_tokens(self) -> None:
+        """Add the pending token count (every rank's) to the state; every rank calls it at the same steps."""
+        pending, self._tokens_pending = self._tokens_pending, 0
+        if self.args.include_num_input_tokens_seen in ("no", False):
+            return
+        if self.accelerator.num_processes == 1 and not isinstance(pending, torch.Tensor):
+            self.state.num_input_tokens_seen += pending
+            return
+        total = torch.as_tensor(pending, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(total.reshape(1)).sum().item())
 
     def _skip_nonfinite(self, loss: torch.Tensor, return_outputs: bool):
         self.nonfinite_losses += 1
@@ -128,6 +147,7 @@ class DistillTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, written under ``.staging/`` and renamed into place when every rank is done."""
+        self._flush_tokens()  # the state saved with the checkpoint counts every token up to it
         root = Path(self._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
@@ -148,6 +168,7 @@ class DistillTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        self._flush_tokens()
         if "loss" in logs and self._component_sums:
             steps = max(self.state.global_step - (self._component_since or 0), 1)
             names = sorted(self._component_sums)
@@ -171,12 +192,16 @@ DISTILL_KEYS = {"max_nonfinite_losses": 10, "peak_flops": None}
 def training_arguments(training: dict[str, Any], output_dir: Path) -> tuple[TrainingArguments, dict[str, Any]]:
     """TrainingArguments from the recipe's ``training`` block (it validates the values itself), and our own keys.
 
-    ``remove_unused_columns`` is forced off because our collators read the raw record columns.
+    ``remove_unused_columns`` is forced off because our collators read the raw record columns;
+    ``logging_nan_inf_filter`` defaults to off (the DistillTrainer skips non-finite losses before the Trainer sees
+    them, so the filter would only cost a host synchronisation per micro-batch).
     """
     fixed = {"output_dir": str(output_dir), "remove_unused_columns": False}
     clash = set(fixed) & set(training)
     if clash:
         raise ValueError(f"training.{sorted(clash)} are set by the pipeline and cannot be overridden")
     ours = {k: training.get(k, default) for k, default in DISTILL_KEYS.items()}
-    rest = {k: v for k, v in training.items() if k not in DISTILL_KEYS}
+    # DistillTrainer never returns a non-finite loss (it skips the micro-batch), so the Trainer's own NaN filter
+    # would only read every micro-batch's loss back from the GPU.
+    rest = {"logging_nan_inf_filter": False, **{k: v for k, v in training.items() if k not in DISTILL_KEYS}}
     return TrainingArguments(**rest, **fixed), ours
