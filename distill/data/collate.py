@@ -562,11 +562,15 @@ class SupervisedCollator:
     """Batches LLaVA-format records for the student (and the teacher, if its encoder is given)."""
 
     def __init__(self, student: ConversationEncoder, image_root: str | Path | None,
-                 teacher: ConversationEncoder | None = None, with_ids: bool = False, packed: bool = False) -> None:
+                 teacher: ConversationEncoder | None = None, with_ids: bool = False, packed: bool = False,
+                 host_labels: bool = False) -> None:
         self.student = student
         self.teacher = teacher
         self.with_ids = with_ids
         """Also return ``record_ids`` (a list of str): a teacher cache looks its targets up by record id."""
+        self.host_labels = host_labels
+        """Also return ``host_labels``: the labels (and teacher labels) as numpy arrays, which stay on the host when
+        the batch moves to the GPU; the KD losses find their positions there without reading the GPU back."""
         self.packed = packed
         """One padding-free row per batch for each model (``ConversationEncoder.batch``)."""
         self.image_root = Path(image_root) if image_root is not None else None
@@ -588,6 +592,8 @@ class SupervisedCollator:
             _pair_replies(batch, records)
         if self.with_ids:
             batch["record_ids"] = [str(r["id"]) for r in records]
+        if self.host_labels:
+            batch["host_labels"] = {k: batch[k].numpy().copy() for k in ("labels", "teacher_labels") if k in batch}
         return batch
 
 

@@ -200,8 +200,11 @@ def flat_positions(mask: torch.Tensor) -> torch.Tensor:
     return mask.flatten().nonzero().squeeze(1)
 
 
-def select_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[mask]`` for ``index = flat_positions(mask, ...)``: rows of ``x`` [B, T, ...] at the flat positions."""
+def select_positions(x: torch.Tensor, index: torch.Tensor, mask_shape: torch.Size) -> torch.Tensor:
+    """``x[mask]`` for ``index = flat_positions(mask)``: rows of ``x`` [B, T, ...] at the flat positions; ``x``'s
+    first two dims must be the mask's (a check on shapes, not values: no synchronisation)."""
+    if x.shape[:2] != mask_shape:
+        raise ValueError(f"hidden states {tuple(x.shape[:2])} do not line up with the labels {tuple(mask_shape)}")
     return x.reshape(-1, *x.shape[2:]).index_select(0, index)
 
 
@@ -330,7 +333,9 @@ def _denominator(n: torch.Tensor | int, num_items_in_batch: torch.Tensor | int |
     host from queueing the step's work ahead of the GPU."""
     denom = num_items_in_batch if num_items_in_batch is not None else n
     if isinstance(denom, torch.Tensor):
-        return denom.detach().float().clamp_min(1.0)
+        if denom.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be one count, got shape {tuple(denom.shape)}")
+        return denom.detach().float().reshape(()).clamp_min(1.0)
     return max(float(denom), 1.0)
 
 

@@ -56,14 +56,17 @@ class ImitationConfig:
 
 
 def build_collator(cfg_data: DataConfig, kd: KDConfig, processor, teacher_processor) -> SupervisedCollator:
-    """Student and teacher inputs; with a teacher cache (``teacher_processor=None``) student inputs + record ids."""
+    """Student and teacher inputs; with a teacher cache (``teacher_processor=None``) student inputs + record ids.
+    Both carry ``host_labels`` for the KD loss."""
     template = get_template(cfg_data.template)
     train_on = "all" if kd.distill_all_tokens else "responses"
     student = ConversationEncoder(processor, template, cfg_data.max_length, train_on=train_on)
     if teacher_processor is None:
-        return SupervisedCollator(student, cfg_data.image_root, with_ids=True, packed=cfg_data.packing)
+        return SupervisedCollator(student, cfg_data.image_root, with_ids=True, packed=cfg_data.packing,
+                                  host_labels=True)
     teacher = ConversationEncoder(teacher_processor, template, cfg_data.max_length, train_on=train_on)
-    return SupervisedCollator(student, cfg_data.image_root, teacher=teacher, packed=cfg_data.packing)
+    return SupervisedCollator(student, cfg_data.image_root, teacher=teacher, packed=cfg_data.packing,
+                              host_labels=True)
 
 
 def run(cfg: ImitationConfig, ctx: StageContext) -> dict[str, Any]:

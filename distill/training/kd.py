@@ -40,7 +40,7 @@ from distill.models.teacher import load_teacher
 from distill.training.distributed import gathered, is_zero3_engine, prepare_teacher, run_in_forward, unwrap
 from distill.training.kernels import apply_kernels, check_kernels
 
-NON_MODEL_KEYS = ("labels", "record_ids", "ref_logps")
+NON_MODEL_KEYS = ("labels", "record_ids", "ref_logps", "host_labels")
 """Batch entries that are not model inputs; everything else the collator returns goes to the forward."""
 
 log = logging.getLogger(__name__)
@@ -256,17 +256,17 @@ class KDLoss:
         return run_in_forward(model, self.loss, model, inputs, num_items_in_batch)
 
     def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any):
-        # The positions, targets and weights come from the labels on the host (one copy each at the step's start):
+        # The positions, targets and weights come from the labels on the host (the collator's ``host_labels``):
         # on the GPU, finding them would stop the host several times a step, waiting for the GPU to drain.
         # With distill_all_tokens the collator labelled every text token, so "labels" covers them.
-        s_mask, t_mask, targets = paired_positions(_host(inputs["labels"]), _host(inputs["teacher_labels"]))
+        s_mask, t_mask, targets = paired_positions(_host(inputs, "labels"), _host(inputs, "teacher_labels"))
         device = inputs["input_ids"].device
         s_idx, t_idx = _to(flat_positions(s_mask), device), _to(flat_positions(t_mask), device)
         targets, weights = _to(targets, device), _to(self.weights(s_mask), device)
         t_inputs = {k: v.to(device) for k, v in split_inputs(inputs, "teacher_", self.teacher.dtype).items()}
         with torch.no_grad():
-            h_t = select_positions(last_hidden(self.teacher, t_inputs), t_idx)
-        h_s = select_positions(last_hidden(model, split_inputs(inputs)), s_idx)
+            h_t = select_positions(last_hidden(self.teacher, t_inputs), t_idx, t_mask.shape)
+        h_s = select_positions(last_hidden(model, split_inputs(inputs)), s_idx, s_mask.shape)
         head_s = unwrap(model).get_output_embeddings().weight
         head_t = unwrap(self.teacher).get_output_embeddings().weight
         chunk = self.cfg.chunk_size or max(h_s.size(0), 1)
@@ -283,7 +283,7 @@ class KDLoss:
 
     def cached_loss(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any):
         """As ``loss``, with the teacher's targets looked up in the cache by record id."""
-        labels = _host(inputs["labels"])
+        labels = _host(inputs, "labels")
         s_mask = shifted_response_mask(labels)
         targets = labels[:, 1:][s_mask[:, :-1]]
         cached = self.teacher.lookup(inputs["record_ids"])
@@ -294,7 +294,7 @@ class KDLoss:
             raise ValueError(f"teacher cache {self.teacher.root}: the cached response tokens differ from the "
                              "student's for these records (another tokenizer, template or max_length?)")
         dev = inputs["input_ids"].device
-        h_s = select_positions(last_hidden(model, split_inputs(inputs)), _to(flat_positions(s_mask), dev))
+        h_s = select_positions(last_hidden(model, split_inputs(inputs)), _to(flat_positions(s_mask), dev), s_mask.shape)
         head_s = unwrap(model).get_output_embeddings().weight
         chunk = self.cfg.chunk_size or max(h_s.size(0), 1)
         with gathered(head_s):
@@ -307,7 +307,13 @@ class KDLoss:
         return loss, ({"kd": kd, "ce": ce} if self.alpha < 1.0 else {"kd": kd})
 
 
-def _host(t: torch.Tensor) -> torch.Tensor:
+def _host(inputs: dict[str, Any], key: str) -> torch.Tensor:
+    """``inputs[key]`` on the host: the collator's numpy copy (``host_labels``) when there is one, else copied back
+    (a host synchronisation when the batch is on a GPU)."""
+    host = inputs.get("host_labels")
+    if host is not None and key in host:
+        return torch.from_numpy(host[key])
+    t = inputs[key]
     return t if t.device.type == "cpu" else t.cpu()
 
 

@@ -60,6 +60,11 @@ class DistillTrainer(Trainer):
         self._tokens_pending: torch.Tensor | int = 0
         self._component_since: int | None = None
 
+    def _inner_training_loop(self, *args: Any, **kwargs: Any):
+        # A retry (auto_find_batch_size) starts from a fresh state: nothing of the failed attempt is carried over.
+        self._component_sums, self._component_since, self._tokens_pending = {}, None, 0
+        return super()._inner_training_loop(*args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, components = self.loss_fn(model, inputs, num_items_in_batch)
         token_mean = self.model_accepts_loss_kwargs and num_items_in_batch is not None
@@ -74,7 +79,7 @@ class DistillTrainer(Trainer):
             if self._component_since is None:
                 self._component_since = self.state.global_step
             for name, value in components.items():  # summed where they are: no host read per micro-batch
-                value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+                value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
                 self._component_sums[name] = self._component_sums.get(name, 0.0) + value
         return (loss, None) if return_outputs else loss
 
@@ -172,7 +177,7 @@ class DistillTrainer(Trainer):
         if "loss" in logs and self._component_sums:
             steps = max(self.state.global_step - (self._component_since or 0), 1)
             names = sorted(self._component_sums)
-            totals = torch.stack([torch.as_tensor(self._component_sums[n], dtype=torch.float32).to(self.args.device)
+            totals = torch.stack([torch.as_tensor(self._component_sums[n], dtype=torch.float64).to(self.args.device)
                                   for n in names])
             if self.accelerator.num_processes > 1:  # every rank logs at the same steps: average their shares
                 totals = self.accelerator.reduce(totals, reduction="mean")

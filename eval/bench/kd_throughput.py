@@ -285,7 +285,10 @@ def pad_to(batch: dict[str, torch.Tensor], width: int, pad_id: int) -> dict[str,
     """Right-pad every [B, T] tensor to ``width`` (ids with ``pad_id``, labels with -100, masks with 0)."""
     out = {}
     for k, v in batch.items():
-        if v.dim() == 2 and k.endswith(("input_ids", "labels", "attention_mask")) and v.size(1) < width:
+        if k == "host_labels":  # the KD losses' host copy: padded the same way
+            v = {name: pad_to({name: torch.from_numpy(a)}, width, pad_id)[name].numpy() for name, a in v.items()}
+        elif (isinstance(v, torch.Tensor) and v.dim() == 2 and k.endswith(("input_ids", "labels", "attention_mask"))
+              and v.size(1) < width):
             fill = pad_id if k.endswith("input_ids") else (-100 if k.endswith("labels") else 0)
             v = torch.cat([v, v.new_full((v.size(0), width - v.size(1)), fill)], 1)
         out[k] = v

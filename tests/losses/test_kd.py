@@ -11,9 +11,11 @@ from distill.losses.kd import (
     KDOptions,
     chunked_kd_loss,
     chunked_sparse_kd_loss,
+    flat_positions,
     kd_loss,
     paired_positions,
     reply_weights,
+    select_positions,
     token_divergence,
 )
 
@@ -160,6 +162,19 @@ def test_paired_positions_handle_different_image_token_counts():
         paired_positions(s_labels, torch.tensor([[-100, -100, 7, 8, 5]]))
     with pytest.raises(ValueError, match="response lengths"):
         paired_positions(s_labels, torch.tensor([[-100, -100, 7, 8]]))
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (1, 19)])  # padded rows; one packed row
+def test_select_positions_equal_boolean_indexing(shape):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(shape, generator=g) > 0.5
+    x = torch.randn(*shape, 4, generator=g, requires_grad=True)
+    picked = select_positions(x, flat_positions(mask), mask.shape)
+    assert torch.equal(picked, x[mask])
+    picked.sum().backward()
+    assert torch.equal(x.grad, mask[..., None].float().expand_as(x))
+    with pytest.raises(ValueError, match="line up"):  # hidden states longer than the labels: refused, not misread
+        select_positions(torch.randn(shape[0], shape[1] + 2, 4), flat_positions(mask), mask.shape)
 
 
 def test_reply_weights_give_each_reply_a_total_of_one():

@@ -12,7 +12,7 @@ from distill.losses.kd import kd_loss, paired_positions
 from distill.models.student import load_vlm
 from distill.stages.imitation import ImitationConfig, build_collator
 from distill.training.context import StageContext
-from distill.training.kd import KDConfig
+from distill.training.kd import KDConfig, KDLoss, split_inputs
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,25 @@ def _kl_to_teacher(student_dir, teacher_dir, tiny_world) -> float:
         s = student.eval()(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
         t = teacher.eval()(**{k: batch["teacher_" + k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
     return float(kd_loss(s[s_mask], t[t_mask]))
+
+
+@pytest.mark.parametrize("normalise", ["tokens", "replies"])
+def test_the_loss_reads_the_collators_host_labels(tiny_world, artifacts, normalise):
+    """The KD collator carries the labels as host arrays (no GPU read-back to find the response positions); they
+    are not model inputs, and the loss gives the same value with them as without (labels copied back)."""
+    student, sproc = load_vlm(artifacts / "student")
+    teacher, tproc = load_vlm(artifacts / "teacher")
+    ds, _ = load_llava_json(tiny_world["data"] / "instruct.json", tiny_world["images"])
+    kd = KDConfig(normalise=normalise, chunk_size=8)
+    batch = build_collator(_config(tiny_world, artifacts, {}).data, kd, sproc, tproc)([ds[i] for i in range(6)])
+    for key in ("labels", "teacher_labels"):
+        assert torch.equal(torch.from_numpy(batch["host_labels"][key]), batch[key])
+    assert "host_labels" not in split_inputs(batch) and "host_labels" not in split_inputs(batch, "teacher_")
+    loss_fn = KDLoss(teacher, kd, alpha=0.5)
+    with_host = loss_fn(student, batch, None)
+    without = loss_fn(student, {k: v for k, v in batch.items() if k != "host_labels"}, None)
+    torch.testing.assert_close(with_host[0], without[0], rtol=0, atol=0)
+    assert with_host[1]["kd"] > 0
 
 
 def test_d2d_lowers_kl_and_keeps_frozen_parts(tiny_world, artifacts, tmp_path, cpu_training):
