@@ -47,7 +47,7 @@ def test_d2d_step_on_cuda_bf16(tiny_world, tmp_path):
     assert metrics["global_step"] == 3 and torch.isfinite(torch.tensor(metrics["train_loss"]))
 
 
-def test_kd_loss_reads_nothing_back_from_the_gpu_but_the_labels(tiny_world, tiny_artifacts):
+def test_kd_loss_reads_nothing_back_from_the_gpu(tiny_world, tiny_artifacts):
     """KDLoss finds the paired positions, targets and reply weights in the collator's host copy of the labels: its
     own code (the loss modules) makes no host-device synchronisation. (Model forwards may still synchronise inside
     transformers; those are not counted here.)"""
