@@ -13,10 +13,11 @@ fi
 OUT=${OUT:-runs/savers_out}; mkdir -p "$OUT"
 B="${PY:-python3} eval/bench/kd_throughput.py --stage d2d --student 1.5b --micro-batch 2 --steps 3 --warmup 2 --workers 4 --out $OUT/savers.jsonl ${TINY:+--tiny}"
 P="--packing --attn ${TINY:+sdpa}"; [ -z "$TINY" ] && P="--packing --attn flex_attention"  # flex has no CPU backward
-ROWS=("--variant naive" "--variant ours $P" "--variant ours $P --savers frozen_bf16 adam8bit"
-      "--variant ours $P --savers frozen_bf16 weights_bf16" "--variant ours $P --savers frozen_bf16"
-      "--variant ours $P --savers frozen_bf16 weights_bf16 --teacher-fp8")
-for args in "${ROWS[@]:0:${N_ROWS:-6}}"; do
+ROWS=("--variant naive" "--variant ours $P" "--variant ours $P --savers frozen_bf16 weights_bf16"
+      "--variant ours $P --savers frozen_bf16 weights_bf16 --grad-ckpt"
+      "--variant ours $P --savers frozen_bf16 weights_bf16 --teacher-fp8"
+      "--variant ours $P --savers frozen_bf16 adam8bit" "--variant ours $P --savers frozen_bf16")
+for args in "${ROWS[@]:0:${N_ROWS:-7}}"; do
   echo "=== $args ($(date -u +%H:%M:%S))"
   timeout ${RUN_TIMEOUT:-240} $B $args 2>&1 | grep -v "^{" | grep -iv "warn" | tail -3
 done
@@ -24,10 +25,11 @@ ${PY:-python3} - "$OUT/savers.jsonl" <<'PY' | tee "$OUT/savers.md"
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 base = next((r["peak_gib"] for r in rows if r["variant"] == "naive" and r.get("peak_gib")), None)
-print("| variant | savers | teacher fp8 | peak GiB | vs naive | first loss | status |")
-print("|---|---|---|---:|---:|---:|---|")
+print("| variant | savers | teacher fp8 | grad ckpt | peak GiB | vs naive | first loss | status |")
+print("|---|---|---|---|---:|---:|---:|---|")
 for r in rows:
     share = f"{r['peak_gib'] / base:.0%}" if base and r.get("peak_gib") else "-"
     print(f"| {r['variant']} | {' '.join(r.get('savers', [])) or '-'} | {bool(r.get('fp8_linears'))} | "
+          f"{bool(r.get('grad_ckpt'))} | "
           f"{r.get('peak_gib', 0):.1f} | {share} | {r.get('first_loss')} | {r['status']} |")
 PY
