@@ -91,5 +91,14 @@ for spec in grid:
         vals = " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols)
         print(f"| {name} | {layers} | {epochs} | {r['model']} | {vals} | {wall} |")
 PY
+# Where the students still differ from the teacher, by reply kind (eval/bench/kd_signal.py), while time is left
+for spec in "${GRID[@]}"; do
+  name=${spec%% *}
+  if [ -d "runs/$name/d2d/model" ] && [ "$(left)" -gt 40 ]; then
+    timeout $(( $(left) - 20 )) ${PY:-python3} -m eval.bench.kd_signal --teacher "$TEACHER" --data "$W/data" \
+      --student "runs/$name/d2d/model" --records 512 2>/dev/null | grep '^|' > "$OUT/$name/kd_signal.md"
+    echo "=== $name: kd_signal"; cat "$OUT/$name/kd_signal.md"
+  fi
+done
 cp -r "$TEACHER" "$OUT/teacher_model" 2>/dev/null; cp -r "$W/llm_small4" "$OUT/llm_small4" 2>/dev/null
 echo "total $(( $(date +%s) - T0 )) s"
