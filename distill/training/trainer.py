@@ -206,7 +206,5 @@ def training_arguments(training: dict[str, Any], output_dir: Path) -> tuple[Trai
     if clash:
         raise ValueError(f"training.{sorted(clash)} are set by the pipeline and cannot be overridden")
     ours = {k: training.get(k, default) for k, default in DISTILL_KEYS.items()}
-    # DistillTrainer never returns a non-finite loss (it skips the micro-batch), so the Trainer's own NaN filter
-    # would only read every micro-batch's loss back from the GPU.
     rest = {"logging_nan_inf_filter": False, **{k: v for k, v in training.items() if k not in DISTILL_KEYS}}
     return TrainingArguments(**rest, **fixed), ours
