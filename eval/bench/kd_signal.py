@@ -10,7 +10,7 @@ count, shape, position, relation, other), over the first ``--records`` records o
 - at the answer's first token (the one VQA and POPE read): the teacher's entropy (nats), the probability it gives
   the label, whether its argmax is the label; with ``--student``, the student's probability of the label and
   KL(teacher || student) there;
-- KL(teacher || student) averaged over all the kind's response tokens.
+- over all the kind's response tokens: the teacher's entropy and p(label), and KL(teacher || student).
 
 A teacher that is nearly one-hot on the label (entropy near 0, p(label) near 1) gives KD little beyond SFT on the
 same data; a teacher at chance (entropy near log 2 on yes/no) has nothing to give.
@@ -86,6 +86,9 @@ def measure(teacher_dir: Path, data_dir: Path, student_dir: Path | None = None, 
                     st["entropy"] += float(-(first.exp() * first).sum())
                     st["p_label"] += float(first[label].exp())
                     st["argmax"] += int(first.argmax() == label)
+                    labels = b["teacher_labels"][row, [p + 1 for p in t_run]]
+                    st["entropy_tokens"] += float(-(t_logp.exp() * t_logp).sum())
+                    st["p_label_tokens"] += float(t_logp.gather(-1, labels[:, None]).exp().sum())
                     if s_logits is not None:
                         vocab = min(t_logp.size(-1), s_logits.size(-1))
                         s_logp = s_logits[row, s_run, :vocab].log_softmax(-1)
@@ -99,7 +102,9 @@ def measure(teacher_dir: Path, data_dir: Path, student_dir: Path | None = None, 
     for kind, s in sorted(stats.items()):
         n = s["replies"]
         row = {"kind": kind, "replies": n, "token_share": s["tokens"] / total, "teacher_entropy": s["entropy"] / n,
-               "teacher_p_label": s["p_label"] / n, "teacher_argmax_is_label": s["argmax"] / n}
+               "teacher_p_label": s["p_label"] / n, "teacher_argmax_is_label": s["argmax"] / n,
+               "teacher_entropy_per_token": s["entropy_tokens"] / s["tokens"],
+               "teacher_p_label_per_token": s["p_label_tokens"] / s["tokens"]}
         if student is not None:
             row.update({"student_p_label": s["s_p_label"] / n, "kl_first": s["kl_first"] / n,
                         "kl_per_token": s["kl_tokens"] / s["tokens"]})

@@ -26,6 +26,7 @@ def test_the_teacher_as_its_own_student_differs_nowhere(tiny_world, tiny_artifac
     for r, a in zip(rows, alone):
         assert r["kind"] == a["kind"] and r["teacher_p_label"] == pytest.approx(a["teacher_p_label"])
         assert 0.0 <= r["teacher_p_label"] <= 1.0 and r["teacher_entropy"] >= 0.0
+        assert 0.0 <= r["teacher_p_label_per_token"] <= 1.0 and r["teacher_entropy_per_token"] >= 0.0
         assert r["student_p_label"] == pytest.approx(r["teacher_p_label"], abs=1e-5)
         assert r["kl_first"] == pytest.approx(0.0, abs=1e-5) and r["kl_per_token"] == pytest.approx(0.0, abs=1e-5)
     other = measure(teacher, tiny_world["data"], student_dir=tiny_artifacts / "student", records=16)
