@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from distill.data.formats import load_llava_json
-from distill.losses.kd import shifted_response_mask
+from distill.losses.kd import KDOptions, shifted_response_mask, token_divergence
 from distill.models.student import load_vlm
 from distill.stages.imitation import ImitationConfig, build_collator
 from distill.training.kd import KDConfig, split_inputs
@@ -48,10 +48,6 @@ def reply_runs(mask_row: torch.Tensor) -> list[list[int]]:
         else:
             runs.append([p])
     return runs
-
-
-def _kl(t_logp: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
-    return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
 
 
 def measure(teacher_dir: Path, data_dir: Path, student_dir: Path | None = None, records: int = 512,
@@ -89,12 +85,9 @@ def measure(teacher_dir: Path, data_dir: Path, student_dir: Path | None = None, 
                     labels = b["teacher_labels"][row, [p + 1 for p in t_run]]
                     st["entropy_tokens"] += float(-(t_logp.exp() * t_logp).sum())
                     st["p_label_tokens"] += float(t_logp.gather(-1, labels[:, None]).exp().sum())
-                    if s_logits is not None:
-                        vocab = min(t_logp.size(-1), s_logits.size(-1))
-                        s_logp = s_logits[row, s_run, :vocab].log_softmax(-1)
-                        t_cut = t_logp[:, :vocab].log_softmax(-1)
-                        kl = _kl(t_cut, s_logp)
-                        st["s_p_label"] += float(s_logp[0, label].exp())
+                    if s_logits is not None:  # forward KL over the common vocabulary, as the stages' loss
+                        kl = token_divergence(s_logits[row, s_run], t_logits[row, t_run], KDOptions())
+                        st["s_p_label"] += float(s_logits[row, s_run[0]].softmax(-1)[label])
                         st["kl_first"] += float(kl[0])
                         st["kl_tokens"] += float(kl.sum())
     total = sum(s["tokens"] for s in stats.values())

@@ -460,8 +460,9 @@ class Clock:
     """Synchronised time marks; a step's time is the gap between consecutive marks. With a ``torch.profiler``
     profile, each mark is also a profiler step (its schedule picks which steps are recorded)."""
 
-    def __init__(self, cuda: bool, profiler: Any = None, graphs: Callable[[], int] | None = None) -> None:
-        self.cuda, self.marks, self.profiler = cuda, [], profiler
+    def __init__(self, cuda: bool, profiler: Any = None, graphs: Callable[[], int] | None = None,
+                 progress: bool = False) -> None:
+        self.cuda, self.marks, self.profiler, self.progress = cuda, [], profiler, progress
         self.graphs, self.graph_marks = graphs, []
         """``graphs``: the number of graphs torch.compile has built so far, read at each mark (``--kernels
         compile``: recompilations inside the timed steps)."""
@@ -470,7 +471,7 @@ class Clock:
         if self.cuda:
             torch.cuda.synchronize()
         self.marks.append(time.perf_counter())
-        if self.cuda and len(self.marks) > 1:  # progress, for a run that stalls: step time, memory, allocator retries
+        if self.progress and self.cuda and len(self.marks) > 1:  # for a run that stalls (its reads add to the step)
             stats = torch.cuda.memory_stats()
             print(f"step {len(self.marks) - 1}: {self.marks[-1] - self.marks[-2]:.3f} s, "
                   f"{stats.get('allocated_bytes.all.peak', 0) / 2**30:.1f} GiB peak, "
@@ -1308,7 +1309,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         else None
     if profiler is not None:
         mark_phases(student, teacher)
-    clock = Clock(cuda, profiler, graphs)
+    clock = Clock(cuda, profiler, graphs, progress=args.progress)
     if profiler is not None:
         profiler.start()
     probe = LossProbe(cuda, (lambda: _autocast(cuda, bf16)) if args.kd_autocast else None)
@@ -1487,6 +1488,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--attn", default="sdpa", help="attention implementation for every model (auto: the stages' "
                    "default, flash_attention_2 when flash-attn is installed)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the student (every variant)")
+    p.add_argument("--progress", action="store_true", help="print each step's time, peak memory and allocator "
+                   "retries to stderr (to find where a run stalls; not for timed rows)")
     p.add_argument("--chunk", type=int, default=None, help="KD chunk size (default: the stage's KDConfig)")
     p.add_argument("--kd-autocast", action="store_true", help="ours/bare D2D/D2S: run chunked_kd_loss under bf16 "
                    "autocast (the Trainer autocasts only the model's forward; measures that fix)")
