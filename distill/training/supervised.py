@@ -23,7 +23,7 @@ from distill.training.distributed import save_final
 from distill.training.kernels import apply_kernels
 from distill.training.resilience import Preempted, PreemptionCallback, last_checkpoint
 from distill.training.tracking import ProgressLine, add_tracking, finish_wandb, start_wandb_run, tracking_arguments
-from distill.training.trainer import DistillTrainer, LossFn, training_arguments
+from distill.training.trainer import DistillTrainer, LossFn, checkpointing_for, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ def train(
     """
     training = {**ctx.training, **tracking_arguments(ctx, ctx.training)}
     args, ours = training_arguments(training, ctx.checkpoint_dir)
+    checkpointing_for(model, args)
     preemption = PreemptionCallback()
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, loss_fn=loss_fn,

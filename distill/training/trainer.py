@@ -190,6 +190,27 @@ class DistillTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+def checkpointing_for(model: torch.nn.Module, args: TrainingArguments) -> None:
+    """Reentrant activation checkpointing when the model attends with flex_attention and the recipe left
+    ``gradient_checkpointing_kwargs`` unset (the Trainer's default is non-reentrant).
+
+    On an H100 (torch 2.11, 2026-12-07) the D2D step of the 1.5B Qwen2-shaped student, packed, flex_attention,
+    bf16 weights, failed its first backward with non-reentrant checkpointing: the recomputed forward saved the
+    same tensors in another order (the block mask's indices after the queries instead of before), which
+    ``torch.utils.checkpoint`` refuses. Reentrant checkpointing trained, and so did non-reentrant with sdpa. The
+    tiny test students do not show the failure. (Reentrant needs an input that requires grad:
+    ``gradient_checkpointing_enable`` makes the input embeddings' output require it.)
+    """
+    if not args.gradient_checkpointing or args.gradient_checkpointing_kwargs is not None:
+        return
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if "flex_attention" not in (getattr(text, "_attn_implementation", None), model.config._attn_implementation):
+        return
+    args.gradient_checkpointing_kwargs = {"use_reentrant": True}
+    log.info("gradient checkpointing: reentrant (flex_attention; set training.gradient_checkpointing_kwargs to "
+             "choose)")
+
+
 DISTILL_KEYS = {"max_nonfinite_losses": 10, "peak_flops": None}
 """Keys of a ``training`` block that are ours, not TrainingArguments', with their defaults."""
 

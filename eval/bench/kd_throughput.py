@@ -896,10 +896,11 @@ def run_ours(ctx: Context, clock: Clock) -> dict[str, Any]:
     """The stage's path: ``distill.training.supervised.train`` without the artifact saving and wandb."""
     from distill.training.resilience import PreemptionCallback
     from distill.training.tracking import add_tracking
-    from distill.training.trainer import DistillTrainer, training_arguments
+    from distill.training.trainer import DistillTrainer, checkpointing_for, training_arguments
 
     training = {**training_dict(ctx), "include_num_input_tokens_seen": "non_padding"}  # tracking_arguments' change
     targs, ours = training_arguments(training, ctx.out_dir / "checkpoints")
+    checkpointing_for(ctx.student, targs)
     loss_fn = FirstLoss(make_loss(ctx))
     trainer = DistillTrainer(
         model=ctx.student, args=targs, train_dataset=ctx.data.dataset, data_collator=ctx.data.collator,
@@ -934,6 +935,9 @@ def run_loop(ctx: Context, clock: Clock, step_loss: Callable, token_normalised: 
     training = training_dict(ctx)
     optimizer, targs = _optimizer(ctx, training)
     if targs.gradient_checkpointing:
+        from distill.training.trainer import checkpointing_for
+
+        checkpointing_for(ctx.student, targs)
         ctx.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=targs.gradient_checkpointing_kwargs)
     ctx.student.train()
     batches = ctx.data.batches

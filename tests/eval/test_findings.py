@@ -54,6 +54,9 @@ def test_findings_recipe_gives_every_line_the_same_budget():
     assert {epochs[k] for k in ("d2s", "sft_moe", "dense", "d2s_top1", "d2s_e8")} == {phase2}
     assert stages["d2s_only"]["model"]["artifact"].endswith("seed1/adapter_init/model")
     assert stages["sft_moe"]["alpha"] == 0.0 and stages["sft_moe"]["model"]["artifact"].endswith("sft/model")
+    assert stages["sft"]["alpha"] == 0.0  # SFT = the KD line without its KD term: the same weighting of the replies
+    lines = ("d2d", "d2s", "d2s_only", "sft", "sft_moe", "dense", "d2s_top1", "d2s_e8")
+    assert {stages[k]["kd"]["normalise"] for k in lines} == {"replies"}
     assert (stages["d2s_top1"]["upcycle"]["top_k"], stages["d2s_e8"]["upcycle"]["num_experts"]) == (1, 8)
     assert stages["eval"]["models"]["teacher"] is None
     assert all(stages[k]["teacher"]["path"] == cfg.teacher_model for k in ("d2d", "d2s", "preference", "dense"))
