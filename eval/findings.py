@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -207,12 +208,45 @@ def _distill(args: list[str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
+class _Forward:
+    """While active, SIGTERM to the driver goes on to its running pipelines, which write a checkpoint and stop
+    (the stages' preemption handling), and the driver exits once they have: a killed or timed-out driver leaves
+    every seed resumable where it stopped, not only at its last finished stage."""
+
+    def __init__(self) -> None:
+        self.children: list[subprocess.Popen] = []
+        self.previous = None
+
+    def __enter__(self) -> _Forward:
+        self.previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        alive = [c for c in self.children if c.poll() is None]
+        for child in alive:
+            child.send_signal(signal.SIGTERM)
+        for child in alive:
+            child.wait()
+        raise SystemExit(f"findings: stopped on SIGTERM; {len(alive)} running pipeline(s) checkpointed, rerun the "
+                         "same command to resume")
+
+
 def run_parts(parts: list[str], findings_dir: Path, seeds: list[int], parallel: int, overrides: list[str]) -> None:
+    with _Forward() as forward:
+        _run_parts(parts, findings_dir, seeds, parallel, overrides, forward.children)
+
+
+def _run_parts(parts: list[str], findings_dir: Path, seeds: list[int], parallel: int, overrides: list[str],
+               children: list[subprocess.Popen]) -> None:
     common = [f"findings_dir={findings_dir}", *overrides]
     if "shared" in parts:
         log = findings_dir / "logs" / "shared.log"
         t0 = time.time()
         proc = _distill([f"run.dir={findings_dir}/shared", "pipeline=[world,teacher,teacher_eval]", *common], log)
+        children.append(proc)
         if proc.wait() != 0:
             raise SystemExit(f"findings: the shared part failed (exit {proc.returncode}); see {log}")
         print(f"shared part: {time.time() - t0:.0f} s")  # noqa: T201 - CLI progress
@@ -223,6 +257,7 @@ def run_parts(parts: list[str], findings_dir: Path, seeds: list[int], parallel: 
             while pending and len(running) < parallel:
                 seed = pending.pop(0)
                 running[seed] = _distill([f"seed={seed}", *common], findings_dir / "logs" / f"seed{seed}.log")
+                children.append(running[seed])
             for seed, proc in list(running.items()):
                 if proc.poll() is not None:
                     del running[seed]

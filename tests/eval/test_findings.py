@@ -81,3 +81,37 @@ def test_findings_driver_runs_a_tiny_world_end_to_end(tmp_path, tiny_recipe, cap
     total = {r["model"]: r["params_total_m"] for r in rows}
     assert active["dense"] < active["d2s_top1"] < active["d2s"] == pytest.approx(active["d2s_e8"], rel=0.01)
     assert total["d2s_e8"] > total["d2s"]
+
+
+def test_sigterm_to_the_driver_reaches_its_running_pipelines(tmp_path):
+    """A killed or timed-out driver passes SIGTERM on to the pipelines it started (which then checkpoint, as a
+    preempted stage does) and waits for them, instead of leaving them to be killed without a checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from eval.findings import _Forward
+
+    child = ("import pathlib, signal, sys, time\n"
+             "out = pathlib.Path(sys.argv[1])\n"
+             "def stop(*_):\n"
+             "    out.with_suffix('.stopped').write_text('checkpointed'); sys.exit(0)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
+             "out.with_suffix('.ready').write_text('')\n"
+             "time.sleep(60)\n")
+    with pytest.raises(SystemExit, match="stopped on SIGTERM; 2 running"), _Forward() as forward:
+        for i in range(2):
+            forward.children.append(subprocess.Popen([sys.executable, "-c", child, str(tmp_path / f"seed{i}")]))
+        finished = subprocess.Popen([sys.executable, "-c", "pass"])
+        finished.wait()
+        forward.children.append(finished)  # already done: not signalled, not counted
+        deadline = time.time() + 30
+        while not all((tmp_path / f"seed{i}.ready").exists() for i in range(2)) and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert [(tmp_path / f"seed{i}.stopped").read_text() for i in range(2)] == ["checkpointed"] * 2
+    assert all(c.returncode == 0 for c in forward.children)
+    assert signal.getsignal(signal.SIGTERM) != forward._handler  # restored on the way out
