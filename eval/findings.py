@@ -210,11 +210,14 @@ def _distill(args: list[str], log: Path) -> subprocess.Popen:
 
 class _Forward:
     """While active, SIGTERM to the driver goes on to its running pipelines, which write a checkpoint and stop
-    (the stages' preemption handling), and the driver exits once they have: a killed or timed-out driver leaves
-    every seed resumable where it stopped, not only at its last finished stage."""
+    (the stages' preemption handling); the driver then exits once they have. A killed or timed-out driver thus
+    leaves every seed resumable where it stopped, not only at its last finished stage. The handler only signals:
+    the waiting happens in the driver's loops (a handler that waited could deadlock on the ``wait`` it interrupted).
+    """
 
     def __init__(self) -> None:
         self.children: list[subprocess.Popen] = []
+        self.stopping = False
         self.previous = None
 
     def __enter__(self) -> _Forward:
@@ -225,48 +228,58 @@ class _Forward:
         signal.signal(signal.SIGTERM, self.previous)
 
     def _handler(self, signum: int, frame: object) -> None:
-        alive = [c for c in self.children if c.poll() is None]
-        for child in alive:
-            child.send_signal(signal.SIGTERM)
-        for child in alive:
-            child.wait()
-        raise SystemExit(f"findings: stopped on SIGTERM; {len(alive)} running pipeline(s) checkpointed, rerun the "
-                         "same command to resume")
+        self.stopping = True
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    def start(self, args: list[str], log: Path) -> subprocess.Popen:
+        proc = _distill(args, log)
+        self.children.append(proc)
+        if self.stopping:  # the notice came while it was being started
+            proc.send_signal(signal.SIGTERM)
+        return proc
+
+    def stop_if_asked(self) -> None:
+        if self.stopping:
+            for child in self.children:
+                child.wait()
+            raise SystemExit("findings: stopped on SIGTERM; the running pipelines checkpointed, rerun the same "
+                             "command to resume")
 
 
 def run_parts(parts: list[str], findings_dir: Path, seeds: list[int], parallel: int, overrides: list[str]) -> None:
-    with _Forward() as forward:
-        _run_parts(parts, findings_dir, seeds, parallel, overrides, forward.children)
-
-
-def _run_parts(parts: list[str], findings_dir: Path, seeds: list[int], parallel: int, overrides: list[str],
-               children: list[subprocess.Popen]) -> None:
     common = [f"findings_dir={findings_dir}", *overrides]
-    if "shared" in parts:
-        log = findings_dir / "logs" / "shared.log"
-        t0 = time.time()
-        proc = _distill([f"run.dir={findings_dir}/shared", "pipeline=[world,teacher,teacher_eval]", *common], log)
-        children.append(proc)
-        if proc.wait() != 0:
-            raise SystemExit(f"findings: the shared part failed (exit {proc.returncode}); see {log}")
-        print(f"shared part: {time.time() - t0:.0f} s")  # noqa: T201 - CLI progress
-    if "seeds" in parts:
-        pending, running, failed = list(seeds), {}, []
-        t0 = time.time()
-        while pending or running:
-            while pending and len(running) < parallel:
-                seed = pending.pop(0)
-                running[seed] = _distill([f"seed={seed}", *common], findings_dir / "logs" / f"seed{seed}.log")
-                children.append(running[seed])
-            for seed, proc in list(running.items()):
-                if proc.poll() is not None:
-                    del running[seed]
-                    if proc.returncode != 0:
-                        failed.append(seed)
-            time.sleep(2)
-        print(f"seeds {seeds}: {time.time() - t0:.0f} s")  # noqa: T201 - CLI progress
-        if failed:
-            raise SystemExit(f"findings: seeds {failed} failed; see {findings_dir}/logs/seed<N>.log")
+    with _Forward() as forward:
+        if "shared" in parts:
+            log = findings_dir / "logs" / "shared.log"
+            t0 = time.time()
+            proc = forward.start([f"run.dir={findings_dir}/shared", "pipeline=[world,teacher,teacher_eval]", *common],
+                                 log)
+            proc.wait()
+            forward.stop_if_asked()
+            if proc.returncode != 0:
+                raise SystemExit(f"findings: the shared part failed (exit {proc.returncode}); see {log}")
+            print(f"shared part: {time.time() - t0:.0f} s")  # noqa: T201 - CLI progress
+        if "seeds" in parts:
+            pending, running, failed = list(seeds), {}, []
+            t0 = time.time()
+            while pending or running:
+                forward.stop_if_asked()
+                while pending and len(running) < parallel:
+                    seed = pending.pop(0)
+                    running[seed] = forward.start([f"seed={seed}", *common],
+                                                  findings_dir / "logs" / f"seed{seed}.log")
+                for seed, proc in list(running.items()):
+                    if proc.poll() is not None:
+                        del running[seed]
+                        if proc.returncode != 0:
+                            failed.append(seed)
+                time.sleep(2)
+            forward.stop_if_asked()
+            print(f"seeds {seeds}: {time.time() - t0:.0f} s")  # noqa: T201 - CLI progress
+            if failed:
+                raise SystemExit(f"findings: seeds {failed} failed; see {findings_dir}/logs/seed<N>.log")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,9 @@
   warning (the Trainer writes checkpoints into ``.staging/`` and renames them into place, see ``DistillTrainer``,
   so an interrupted write never looks complete; a stale ``.staging/`` is cleared here).
 - ``PreemptionCallback``: SIGTERM (a cluster's preemption notice) makes the Trainer write a checkpoint at the end
-  of the current step and stop; ``train`` then raises ``Preempted`` so the stage is not marked done.
+  of the current step and stop; ``train`` then raises ``Preempted`` so the stage is not marked done. Data-loader
+  workers leave SIGTERM to the main process (``DeferSigterm``): a notice sent to the whole process group
+  (`scancel`, `timeout`) would otherwise kill them and crash the step before the checkpoint.
 - ``NonFiniteLossError``: raised once more than ``max_nonfinite_losses`` micro-batches had a NaN/Inf loss.
 - ``DISTILL_FAULT=step:N`` / ``checkpoint_write:N``: SIGKILL this process after optimizer step N, or after the
   checkpoint of step N is written but before it is published. Only the resume tests set it.
@@ -12,12 +14,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -85,6 +90,53 @@ def last_checkpoint(output_dir: Path) -> str | None:
             return str(path)
         log.warning("skipping checkpoint %s: %s", path, problem)
     return None
+
+
+_EXITING = None  # set once this process begins to exit (see DeferSigterm)
+
+
+def _exiting_event(context: Any) -> Any:
+    global _EXITING
+    if _EXITING is None:
+        _EXITING = context.Event()
+        # atexit runs its hooks last-registered first: this one before multiprocessing's own (registered when it
+        # was imported), which terminates the remaining workers with SIGTERM and then waits for them.
+        atexit.register(_EXITING.set)
+    return _EXITING
+
+
+class DeferSigterm:
+    """A data-loader ``worker_init_fn``: the worker leaves SIGTERM to the main process, then runs ``inner``.
+
+    A preemption notice sent to the whole process group (`scancel`, `timeout`) would otherwise kill the workers,
+    and the main process's data loader raises as soon as one dies, in the middle of the step the checkpoint waits
+    for. The main process handles the notice (``PreemptionCallback``) and stops its workers itself. Once it is
+    exiting (``exiting`` set by an atexit hook), SIGTERM kills a worker as usual, so a loader still alive at exit
+    cannot hang the process; a worker whose main process died exits by itself (PyTorch's watchdog)."""
+
+    def __init__(self, inner: Any, exiting: Any) -> None:
+        self.inner = inner
+        self.exiting = exiting
+
+    @classmethod
+    def wrap(cls, loader: Any) -> None:
+        """Install on ``loader`` (a torch DataLoader with workers)."""
+        context = loader.multiprocessing_context or multiprocessing
+        if isinstance(context, str):
+            context = multiprocessing.get_context(context)
+        loader.worker_init_fn = cls(loader.worker_init_fn, _exiting_event(context))
+
+    def __call__(self, worker_id: int) -> None:
+        exiting = self.exiting
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            if exiting.is_set():
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        if self.inner is not None:
+            self.inner(worker_id)
 
 
 class PreemptionCallback(TrainerCallback):

@@ -30,7 +30,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints
 
 from distill.losses.kd import reply_starts
-from distill.training.resilience import STAGING, STATE_FILE, NonFiniteLossError, fault_point
+from distill.training.resilience import STAGING, STATE_FILE, DeferSigterm, NonFiniteLossError, fault_point
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,14 @@ class DistillTrainer(Trainer):
         # A retry (auto_find_batch_size) starts from a fresh state: nothing of the failed attempt is carried over.
         self._component_sums, self._component_since, self._tokens_pending = {}, None, 0
         return super()._inner_training_loop(*args, **kwargs)
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        # accelerate's loader iterates the DataLoader it wraps (base_dataloader): set the workers' init there
+        base = getattr(loader, "base_dataloader", loader)
+        if base.num_workers > 0:  # a preemption notice to the whole process group must not kill the workers
+            DeferSigterm.wrap(base)
+        return loader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, components = self.loss_fn(model, inputs, num_items_in_batch)

@@ -1,7 +1,9 @@
 #!/bin/bash
 # What limits the distilled student on the GPU preset (issue 26): capacity (LLM depth) x budget (D2D epochs).
 # One warm GPU, repo root, the wheel set carried as .whl (../shared/gpu/make_wheels.sh):
-#   bash eval/bench/student_probes.sh            # writes $OUT/{log,probes.md,<probe>/...}
+#   bash eval/bench/student_probes.sh            # writes runs/probes_out/{probes.md,<probe>.log,<probe>/...}
+# On the lent GPU machine ($OUT set, at most 8 files come back) the results also go to $OUT as probes.md and one
+# tarball, probes.tgz, of runs/probes_out.
 # Builds the shapes_gpu world and teacher once, pretrains a 4-layer student LLM on the world's text like the
 # world's 2-layer one, then runs adapter init + D2D + eval for each probe, all probes at once on the one GPU (the
 # tiny models leave it mostly idle). p4_savers: the base probe with every memory saver (issue 25); p5: the 4-layer
@@ -15,7 +17,7 @@ if [ -z "$SKIP_INSTALL" ]; then  # SKIP_INSTALL=1: the wheels are installed and 
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=$PWD:/tmp/site
 fi
-OUT=${OUT:-runs/probes_out}; mkdir -p "$OUT"
+DEVICE_OUT=$OUT; OUT=${PROBES_OUT:-runs/probes_out}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-585}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/env.txt"
@@ -101,4 +103,8 @@ for spec in "${GRID[@]}"; do
   fi
 done
 cp -r "$TEACHER" "$OUT/teacher_model" 2>/dev/null; cp -r "$W/llm_small4" "$OUT/llm_small4" 2>/dev/null
+if [ -n "$DEVICE_OUT" ] && [ "$DEVICE_OUT" != "$OUT" ]; then
+  cp "$OUT/probes.md" "$DEVICE_OUT/" 2>/dev/null
+  tar czf "$DEVICE_OUT/probes.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
+fi
 echo "total $(( $(date +%s) - T0 )) s"

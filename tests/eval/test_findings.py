@@ -83,35 +83,47 @@ def test_findings_driver_runs_a_tiny_world_end_to_end(tmp_path, tiny_recipe, cap
     assert total["d2s_e8"] > total["d2s"]
 
 
-def test_sigterm_to_the_driver_reaches_its_running_pipelines(tmp_path):
+@pytest.mark.parametrize("part", ["shared", "seeds"])
+def test_sigterm_to_the_driver_reaches_its_running_pipelines(tmp_path, monkeypatch, part):
     """A killed or timed-out driver passes SIGTERM on to the pipelines it started (which then checkpoint, as a
-    preempted stage does) and waits for them, instead of leaving them to be killed without a checkpoint."""
+    preempted stage does) and waits for them, whether it was waiting on one (shared) or polling several (seeds)."""
     import os
     import signal
     import subprocess
     import sys
+    import threading
     import time
 
-    from eval.findings import _Forward
+    import eval.findings as findings
 
     child = ("import pathlib, signal, sys, time\n"
              "out = pathlib.Path(sys.argv[1])\n"
              "def stop(*_):\n"
-             "    out.with_suffix('.stopped').write_text('checkpointed'); sys.exit(0)\n"
+             "    time.sleep(0.5); out.with_suffix('.stopped').write_text('checkpointed'); sys.exit(0)\n"
              "signal.signal(signal.SIGTERM, stop)\n"
              "out.with_suffix('.ready').write_text('')\n"
              "time.sleep(60)\n")
-    with pytest.raises(SystemExit, match="stopped on SIGTERM; 2 running"), _Forward() as forward:
-        for i in range(2):
-            forward.children.append(subprocess.Popen([sys.executable, "-c", child, str(tmp_path / f"seed{i}")]))
-        finished = subprocess.Popen([sys.executable, "-c", "pass"])
-        finished.wait()
-        forward.children.append(finished)  # already done: not signalled, not counted
+    started = []
+
+    def fake_distill(args, log):
+        started.append(subprocess.Popen([sys.executable, "-c", child, str(tmp_path / f"run{len(started)}")]))
+        return started[-1]
+
+    def notice():
         deadline = time.time() + 30
-        while not all((tmp_path / f"seed{i}.ready").exists() for i in range(2)) and time.time() < deadline:
+        while time.time() < deadline and not (len(started) == expected
+                                              and all((tmp_path / f"run{i}.ready").exists() for i in range(expected))):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler raises before this ends
-    assert [(tmp_path / f"seed{i}.stopped").read_text() for i in range(2)] == ["checkpointed"] * 2
-    assert all(c.returncode == 0 for c in forward.children)
-    assert signal.getsignal(signal.SIGTERM) != forward._handler  # restored on the way out
+
+    expected = 1 if part == "shared" else 2
+    monkeypatch.setattr(findings, "_distill", fake_distill)
+    threading.Thread(target=notice, daemon=True).start()
+    before = signal.getsignal(signal.SIGTERM)
+    t0 = time.time()
+    with pytest.raises(SystemExit, match="stopped on SIGTERM"):
+        findings.run_parts([part], tmp_path, [0, 1], parallel=2, overrides=[])
+    assert time.time() - t0 < 30  # stopped on the notice, not after the children's 60 s
+    assert [(tmp_path / f"run{i}.stopped").read_text() for i in range(expected)] == ["checkpointed"] * expected
+    assert all(c.returncode == 0 for c in started)
+    assert signal.getsignal(signal.SIGTERM) == before  # restored on the way out

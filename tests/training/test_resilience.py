@@ -131,16 +131,46 @@ def test_sigkill_anywhere_then_resume_gives_identical_weights(tmp_path, tiny_wor
     assert (run / "teacher" / "model" / "model.safetensors").read_bytes() == reference
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path, tiny_world, tiny_recipe):
+@pytest.mark.parametrize("target", ["process", "group"])
+def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path, tiny_world, tiny_recipe, target):
+    """SIGTERM to the main process, or to its whole process group (`scancel`, `timeout`), data-loader workers
+    included: either way a checkpoint, not a crash."""
     run = tmp_path / "preempted"
-    proc = _cli(run, tiny_world["root"], tiny_recipe, "trainer.max_steps=400", "trainer.save_steps=1000")
+    proc = _cli(run, tiny_world["root"], tiny_recipe, "trainer.max_steps=400", "trainer.save_steps=1000",
+                "trainer.dataloader_num_workers=1", "trainer.disable_tqdm=true", start_new_session=True)
     for line in proc.stdout:  # the first progress line means the Trainer (and its SIGTERM handler) is running
         if "teacher: step " in line:
             break
-    proc.send_signal(signal.SIGTERM)
+    if target == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     code, out = _finish(proc)
     assert code == 143, out[-3000:]
     assert "stopped on SIGTERM" in out
     ckpt = last_checkpoint(run / "teacher" / "checkpoints")
     assert ckpt is not None and 0 < int(ckpt.split("-")[-1]) < 400
     assert not (run / "teacher" / "DONE").exists()  # resuming from it is what the SIGKILL test checks
+
+
+def test_data_loader_workers_still_exit_with_the_process(tmp_path):
+    """Workers that leave SIGTERM to the main process must not keep it from exiting: a loader still iterating
+    when the process ends (an exception out of the training loop) is shut down as usual."""
+    script = tmp_path / "lingering.py"
+    script.write_text(
+        "import signal, sys, torch\n"
+        "from datasets import Dataset\n"
+        "from distill.training.trainer import DistillTrainer, training_arguments\n"
+        "def collate(rows):\n"
+        "    return {'x': torch.tensor([[float(signal.getsignal(signal.SIGTERM) not in (0, signal.SIG_DFL))]])}\n"
+        "args, _ = training_arguments({'max_steps': 1, 'per_device_train_batch_size': 1, 'use_cpu': True,\n"
+        "    'report_to': 'none', 'dataloader_num_workers': 1}, sys.argv[1])\n"
+        "t = DistillTrainer(model=torch.nn.Linear(1, 1), args=args, loss_fn=None, token_normalised=False,\n"
+        "    train_dataset=Dataset.from_list([{'n': i} for i in range(8)]), data_collator=collate)\n"
+        "it = iter(t.get_train_dataloader())\n"
+        "print('worker handles SIGTERM:', bool(next(it)['x'].item()), flush=True)\n"
+        "raise SystemExit(3)  # exits with the iterator and its worker alive\n")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "worker handles SIGTERM: True" in proc.stdout
