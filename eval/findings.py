@@ -208,6 +208,10 @@ def _distill(args: list[str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
+STOP_GRACE_S = 60
+"""How long, after a SIGTERM, the driver waits for its pipelines to checkpoint before it kills them."""
+
+
 class _Forward:
     """While active, SIGTERM to the driver goes on to its running pipelines, which write a checkpoint and stop
     (the stages' preemption handling); the driver then exits once they have. A killed or timed-out driver thus
@@ -217,6 +221,7 @@ class _Forward:
 
     def __init__(self) -> None:
         self.children: list[subprocess.Popen] = []
+        self.labels: list[str] = []  # each child's log name (shared, seed0, ...)
         self.stopping = False
         self.previous = None
 
@@ -236,16 +241,28 @@ class _Forward:
     def start(self, args: list[str], log: Path) -> subprocess.Popen:
         proc = _distill(args, log)
         self.children.append(proc)
+        self.labels.append(log.stem)
         if self.stopping:  # the notice came while it was being started
             proc.send_signal(signal.SIGTERM)
         return proc
 
-    def stop_if_asked(self) -> None:
-        if self.stopping:
-            for child in self.children:
+    def stop_if_asked(self, grace_s: float = STOP_GRACE_S) -> None:
+        """After a SIGTERM: wait for the pipelines to checkpoint and stop (killing any still running after
+        ``grace_s``), then exit, naming those that ended otherwise than stopped or done."""
+        if not self.stopping:
+            return
+        deadline = time.time() + grace_s
+        for child in self.children:
+            try:
+                child.wait(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.kill()
                 child.wait()
-            raise SystemExit("findings: stopped on SIGTERM; the running pipelines checkpointed, rerun the same "
-                             "command to resume")
+        stopped = (0, 143, -signal.SIGTERM)  # done, stopped after its checkpoint, or stopped outside training
+        odd = [f"{self.labels[i]}: exit {c.returncode}" for i, c in enumerate(self.children)
+               if c.returncode not in stopped]
+        raise SystemExit("findings: stopped on SIGTERM; the running pipelines checkpointed, rerun the same command "
+                         "to resume" + (f". Not stopped cleanly: {odd}" if odd else ""))
 
 
 def run_parts(parts: list[str], findings_dir: Path, seeds: list[int], parallel: int, overrides: list[str]) -> None:

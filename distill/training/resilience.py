@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import logging
 import multiprocessing
@@ -92,17 +93,18 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
-_EXITING = None  # set once this process begins to exit (see DeferSigterm)
+_EXITING: dict[str, Any] = {}  # per start method: a shared flag set once this process begins to exit
 
 
-def _exiting_event(context: Any) -> Any:
-    global _EXITING
-    if _EXITING is None:
-        _EXITING = context.Event()
-        # atexit runs its hooks last-registered first: this one before multiprocessing's own (registered when it
-        # was imported), which terminates the remaining workers with SIGTERM and then waits for them.
-        atexit.register(_EXITING.set)
-    return _EXITING
+def _exiting_flag(context: Any) -> Any:
+    """A lock-free shared boolean (a signal handler must not take a lock) for workers of ``context``'s start
+    method, set by an atexit hook. atexit runs its hooks last-registered first: this one runs before
+    multiprocessing's own (registered when it was imported), which terminates the remaining workers and waits."""
+    method = context.get_start_method()
+    if method not in _EXITING:
+        flag = _EXITING[method] = context.RawValue(ctypes.c_bool, False)
+        atexit.register(setattr, flag, "value", True)
+    return _EXITING[method]
 
 
 class DeferSigterm:
@@ -111,8 +113,9 @@ class DeferSigterm:
     A preemption notice sent to the whole process group (`scancel`, `timeout`) would otherwise kill the workers,
     and the main process's data loader raises as soon as one dies, in the middle of the step the checkpoint waits
     for. The main process handles the notice (``PreemptionCallback``) and stops its workers itself. Once it is
-    exiting (``exiting`` set by an atexit hook), SIGTERM kills a worker as usual, so a loader still alive at exit
-    cannot hang the process; a worker whose main process died exits by itself (PyTorch's watchdog)."""
+    exiting (``exiting`` set by an atexit hook), SIGTERM ends a worker quietly (exit 0, as PyTorch's own worker
+    handler does), so a loader still alive at exit cannot hang the process; a worker whose main process died exits
+    by itself (PyTorch's watchdog). A worker that gets SIGTERM before this runs (while starting) still dies."""
 
     def __init__(self, inner: Any, exiting: Any) -> None:
         self.inner = inner
@@ -121,18 +124,15 @@ class DeferSigterm:
     @classmethod
     def wrap(cls, loader: Any) -> None:
         """Install on ``loader`` (a torch DataLoader with workers)."""
-        context = loader.multiprocessing_context or multiprocessing
-        if isinstance(context, str):
-            context = multiprocessing.get_context(context)
-        loader.worker_init_fn = cls(loader.worker_init_fn, _exiting_event(context))
+        context = loader.multiprocessing_context or multiprocessing.get_context()
+        loader.worker_init_fn = cls(loader.worker_init_fn, _exiting_flag(context))
 
     def __call__(self, worker_id: int) -> None:
         exiting = self.exiting
 
         def on_sigterm(signum: int, frame: Any) -> None:
-            if exiting.is_set():
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
+            if exiting.value:
+                os._exit(0)
 
         signal.signal(signal.SIGTERM, on_sigterm)
         if self.inner is not None:

@@ -30,6 +30,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints
 
 from distill.losses.kd import reply_starts
+from distill.models.trainable import vision_parts
 from distill.training.resilience import STAGING, STATE_FILE, DeferSigterm, NonFiniteLossError, fault_point
 
 log = logging.getLogger(__name__)
@@ -198,23 +199,41 @@ class DistillTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+CHECKPOINTING_KWARGS = ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+"""The TrainingArguments fields the Trainer reads checkpointing settings from: transformers >= 5.2x reads the first
+(the second is its deprecated alias, copied at init); earlier 5.x only has the second."""
+
+
 def checkpointing_for(model: torch.nn.Module, args: TrainingArguments) -> None:
-    """Reentrant activation checkpointing when the model attends with flex_attention and the recipe left
-    ``gradient_checkpointing_kwargs`` unset (the Trainer's default is non-reentrant).
+    """Reentrant activation checkpointing when the model attends with flex_attention and the recipe left the
+    checkpointing kwargs unset (the Trainer's default is non-reentrant). Call after the trainable parts are set.
 
     On an H100 (torch 2.11, 2026-12-07) the D2D step of the 1.5B Qwen2-shaped student, packed, flex_attention,
     bf16 weights, failed its first backward with non-reentrant checkpointing: the recomputed forward saved the
     same tensors in another order (the block mask's indices after the queries instead of before), which
     ``torch.utils.checkpoint`` refuses. Reentrant checkpointing trained, and so did non-reentrant with sdpa. The
-    tiny test students do not show the failure. (Reentrant needs an input that requires grad:
-    ``gradient_checkpointing_enable`` makes the input embeddings' output require it.)
+    tiny test students do not show the failure. Reentrant checkpointing needs a layer input that requires grad:
+    transformers makes the input embeddings' output require it, but pixels never do, so a trainable vision tower
+    would get no gradients; that case is refused.
     """
-    if not args.gradient_checkpointing or args.gradient_checkpointing_kwargs is not None:
+    if not args.gradient_checkpointing:
+        return
+    fields = [f for f in CHECKPOINTING_KWARGS if hasattr(args, f)]
+    if any(getattr(args, f) is not None for f in fields):
         return
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if "flex_attention" not in (getattr(text, "_attn_implementation", None), model.config._attn_implementation):
         return
-    args.gradient_checkpointing_kwargs = {"use_reentrant": True}
+    try:
+        tower = vision_parts(model)[0]
+    except ValueError:  # a text-only model
+        tower = []
+    if any(p.requires_grad for m in tower for p in m.parameters()):
+        raise ValueError("gradient checkpointing with flex_attention must be reentrant (non-reentrant fails in the "
+                         "backward), and reentrant checkpointing gives a trainable vision tower no gradients: freeze "
+                         "the tower, use attn_implementation=sdpa, or set training.gradient_checkpointing_kwargs")
+    for f in fields:
+        setattr(args, f, {"use_reentrant": True})
     log.info("gradient checkpointing: reentrant (flex_attention; set training.gradient_checkpointing_kwargs to "
              "choose)")
 

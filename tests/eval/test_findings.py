@@ -127,3 +127,22 @@ def test_sigterm_to_the_driver_reaches_its_running_pipelines(tmp_path, monkeypat
     assert [(tmp_path / f"run{i}.stopped").read_text() for i in range(expected)] == ["checkpointed"] * expected
     assert all(c.returncode == 0 for c in started)
     assert signal.getsignal(signal.SIGTERM) == before  # restored on the way out
+
+
+def test_a_pipeline_that_does_not_stop_is_killed_after_the_grace_and_named(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    import eval.findings as findings
+
+    stubborn = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "print('ready', flush=True)\ntime.sleep(60)\n")
+    monkeypatch.setattr(findings, "_distill", lambda args, log: subprocess.Popen(
+        [sys.executable, "-c", stubborn], stdout=subprocess.PIPE, text=True))
+    with findings._Forward() as forward:
+        proc = forward.start(["seed=0"], tmp_path / "logs" / "seed0.log")
+        proc.stdout.readline()
+        forward._handler(signal.SIGTERM, None)
+        with pytest.raises(SystemExit, match=r"Not stopped cleanly: \['seed0: exit -9'\]"):
+            forward.stop_if_asked(grace_s=1)

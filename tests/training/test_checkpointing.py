@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
-from distill.training.trainer import checkpointing_for, training_arguments
+from distill.training.trainer import CHECKPOINTING_KWARGS, DistillTrainer, checkpointing_for, training_arguments
 
 
 def _llm(attn: str) -> LlamaForCausalLM:
@@ -31,7 +32,8 @@ def test_flex_attention_checkpoints_reentrant_unless_chosen(tmp_path, cpu_traini
     args, _ = training_arguments(training, tmp_path)
     model = _llm(attn)
     checkpointing_for(model, args)
-    assert args.gradient_checkpointing_kwargs == expected
+    values = [getattr(args, f) for f in CHECKPOINTING_KWARGS if hasattr(args, f)]
+    assert values and all(v == expected for v in values)  # every name the Trainer may read
 
 
 def test_no_checkpointing_changes_nothing(tmp_path, cpu_training):
@@ -40,26 +42,58 @@ def test_no_checkpointing_changes_nothing(tmp_path, cpu_training):
     assert args.gradient_checkpointing_kwargs is None
 
 
-def test_reentrant_checkpointing_trains_the_layers_behind_frozen_embeddings(tmp_path, cpu_training):
-    """The reentrant checkpointing that checkpointing_for chooses gives the gradients of the plain forward, also
-    when nothing before the first layer requires grad (the case reentrant checkpointing can get wrong)."""
+def _trained_grads(tmp_path, cpu_training, checkpoint: bool) -> tuple[dict[str, torch.Tensor], LlamaForCausalLM]:
+    """One DistillTrainer step of a tiny LLM with frozen input embeddings; its gradients."""
     ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    model = _llm("sdpa")
+    model.model.embed_tokens.requires_grad_(False)
+    grads = {}
 
-    def grads(checkpoint: bool) -> dict[str, torch.Tensor]:
-        model = _llm("sdpa")
-        model.model.embed_tokens.requires_grad_(False)
-        model.train()
-        if checkpoint:
-            args, _ = training_arguments({**cpu_training, "gradient_checkpointing": True}, tmp_path)
-            model.config._attn_implementation = "flex_attention"  # only to take checkpointing_for's branch
-            checkpointing_for(model, args)
-            model.config._attn_implementation = "sdpa"  # flex_attention has no CPU backward
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    def loss_fn(m, inputs, n):
+        loss = m(input_ids=ids, labels=ids, use_cache=False).loss
+        return loss, {"ce": loss.detach()}
 
-    plain, checkpointed = grads(False), grads(True)
-    assert plain.keys() == checkpointed.keys()
-    assert any("layers.0" in n for n in checkpointed)
+    class Keep(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    training = {**cpu_training, "max_steps": 1, "per_device_train_batch_size": 1, "gradient_checkpointing": checkpoint}
+    args, _ = training_arguments(training, tmp_path / str(checkpoint))
+    if checkpoint:
+        model.config._attn_implementation = "flex_attention"  # only to take checkpointing_for's branch
+        checkpointing_for(model, args)
+        model.config._attn_implementation = "sdpa"  # flex_attention has no CPU backward
+    trainer = DistillTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"n": 0}]),
+                             data_collator=lambda rows: {"x": torch.zeros(1)}, loss_fn=loss_fn,
+                             token_normalised=False, callbacks=[Keep()])
+    trainer.train()
+    return grads, model
+
+
+def test_the_trainer_checkpoints_reentrant_and_the_layers_still_train(tmp_path, cpu_training):
+    """Through the Trainer (which reads the kwargs when train() starts): the layers checkpoint reentrant, and their
+    gradients equal the plain forward's although nothing before the first layer requires grad (the case reentrant
+    checkpointing can get wrong)."""
+    plain, _ = _trained_grads(tmp_path, cpu_training, checkpoint=False)
+    checkpointed, model = _trained_grads(tmp_path, cpu_training, checkpoint=True)
+    layer = model.model.layers[0]
+    assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords["use_reentrant"] is True
+    assert plain.keys() == checkpointed.keys() and any("layers.0" in n for n in checkpointed)
     for name, g in plain.items():
         torch.testing.assert_close(checkpointed[name], g, msg=name)
+
+
+def test_a_trainable_vision_tower_is_refused(tmp_path, cpu_training, tiny_artifacts):
+    """Reentrant checkpointing would give a trainable vision tower no gradients (pixels never require grad)."""
+    from distill.models.student import load_vlm
+    from distill.models.trainable import vision_parts
+
+    model, _ = load_vlm(tiny_artifacts / "student")
+    model.config.get_text_config()._attn_implementation = "flex_attention"
+    args, _ = training_arguments({**cpu_training, "gradient_checkpointing": True}, tmp_path)
+    with pytest.raises(ValueError, match="trainable vision tower"):
+        checkpointing_for(model, args)
+    for module in vision_parts(model)[0]:
+        module.requires_grad_(False)
+    checkpointing_for(model, args)
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": True}
