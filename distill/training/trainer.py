@@ -221,8 +221,7 @@ def checkpointing_for(model: torch.nn.Module, args: TrainingArguments) -> None:
     fields = [f for f in CHECKPOINTING_KWARGS if hasattr(args, f)]
     if any(getattr(args, f) is not None for f in fields):
         return
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if "flex_attention" not in (getattr(text, "_attn_implementation", None), model.config._attn_implementation):
+    if "flex_attention" not in (model.config.get_text_config()._attn_implementation, model.config._attn_implementation):
         return
     try:
         tower = vision_parts(model)[0]
