@@ -1,6 +1,8 @@
 #!/bin/bash
 # issue 25 levers, one warm H100: STEPS="base liger ..." BUDGET=560 bash eval/bench/kd25_levers.sh
 # (old_* rows: the package in .whl/base, e.g. git archive <rev> distill | tar -x -C .whl/base)
+# Brings back rows.jsonl and logs.tgz (each step's stdout and stderr; d2s_mb12 dumps its stacks every 60 s and
+# when its timeout stops it, to show where it stalls).
 T0=$(date +%s)
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -55,4 +57,5 @@ for line in open(os.environ["OUT"] + "/rows.jsonl"):
     print(r.get("kernels"), r["variant"], " ".join(r.get("savers", [])), f"tok/s {r.get('tokens_per_s', 0):.0f} mfu {r.get('mfu') or 0:.3f} peak {r.get('peak_gib', 0):.1f} med {r.get('step_s_median', 0):.3f} loss0 {r.get('first_loss')}",
           {k: r.get(k) for k in ("phases_ms", "loss_insitu_ms", "compiled_graphs", "graphs_after_warmup", "graphs_per_step", "kernels_applied", "status") if r.get(k) is not None})
 PY
+( cd /tmp && tar czf "$OUT/logs.tgz" ./*.out ./*.err 2>/dev/null )  # every step's full stdout / stderr
 echo "total $(( $(date +%s) - T0 )) s"; date -u

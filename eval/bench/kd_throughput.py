@@ -89,6 +89,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import faulthandler
 import gc
 import json
 import logging
@@ -96,6 +97,7 @@ import math
 import os
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -1493,7 +1495,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
                    "default, flash_attention_2 when flash-attn is installed)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the student (every variant)")
     p.add_argument("--progress", action="store_true", help="print each step's time, peak memory and allocator "
-                   "retries to stderr (to find where a run stalls; not for timed rows)")
+                   "retries to stderr, and every Python thread's stack every --stack-every seconds and on SIGTERM "
+                   "(`timeout`): to find where a run stalls; not for timed rows")
+    p.add_argument("--stack-every", type=float, default=60.0, help="--progress: seconds between stack dumps")
     p.add_argument("--chunk", type=int, default=None, help="KD chunk size (default: the stage's KDConfig)")
     p.add_argument("--kd-autocast", action="store_true", help="ours/bare D2D/D2S: run chunked_kd_loss under bf16 "
                    "autocast (the Trainer autocasts only the model's forward; measures that fix)")
@@ -1571,6 +1575,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.tiny:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.progress:  # a stalled run says where it is: periodically, and when `timeout` stops it
+        faulthandler.dump_traceback_later(args.stack_every, repeat=True)
+        faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     row = run_once(args)
     if args.header:
         print(HEADER)  # noqa: T201
