@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
+import os
 import random
 import re
 import shutil
@@ -46,6 +49,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -601,13 +605,39 @@ def _image_rel(split: str, i: int) -> str:
     return f"{split}/{i:06d}.png"
 
 
-def _render_split(root: Path, seed: int, split: str, scenes: Sequence[Scene], image_size: int) -> None:
-    (root / "images" / split).mkdir(parents=True, exist_ok=True)
-    for i, scene in enumerate(scenes):
-        # Per-image jitter stream: rendering image i never depends on how many images precede it.
+RENDER_CHUNK = 1000
+"""Fewest images per rendering process: a smaller split renders in this one (a fork costs more than it saves)."""
+
+
+def _render_workers(n_images: int) -> int:
+    """Processes to render ``n_images`` with: one per CPU this process may use, where ``fork`` is available."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, n_images // RENDER_CHUNK))
+
+
+def _render_images(root: Path, seed: int, split: str, image_size: int, items: Sequence[tuple[int, Scene]]) -> None:
+    for i, scene in items:
+        # Per-image jitter stream: rendering image i never depends on how many images precede it (or which
+        # process renders it).
         img = render_scene(scene, image_size, derive_rng(seed, "render", split, i))
         # PIL writes no timestamps into PNGs, so identical pixels give identical bytes.
         img.save(root / "images" / scene.image, format="PNG")
+
+
+def _render_split(root: Path, seed: int, split: str, scenes: Sequence[Scene], image_size: int) -> None:
+    """Draw and write a split's images, spread over the CPUs (forked processes, which only draw and write PNGs):
+    on 2 CPUs the demo's 12.2k images took 17 s in one process."""
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    items = list(enumerate(scenes))
+    workers = _render_workers(len(items))
+    render = functools.partial(_render_images, root, seed, split, image_size)
+    if workers == 1:
+        render(items)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        list(pool.map(render, [items[k::workers] for k in range(workers)]))
 
 
 def _build_instruct(

@@ -75,6 +75,12 @@ def test_same_seed_byte_identical_and_other_seed_differs(tmp_path: Path, world: 
     assert a["images/train/000000.png"] != b["images/train/000000.png"] or a["captions.json"] != b["captions.json"]
 
 
+def test_parallel_rendering_writes_the_same_bytes(tmp_path: Path, world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shapes, "_render_workers", lambda n: min(2, n))
+    build_world(tmp_path / "p", seed=0, **SMALL)
+    assert _tree_bytes(tmp_path / "p") == _tree_bytes(world)
+
+
 def test_idempotent_and_regenerates_on_change(tmp_path: Path) -> None:
     out = tmp_path / "w"
     m1 = build_world(out, seed=0, n_train_images=8, n_eval_images=4, n_preference_pairs=4)
