@@ -116,3 +116,24 @@ def test_teacher_init_keeps_the_standins_and_fits_its_projector(tiny_world):
     assert llm.config.hidden_size == model.config.text_config.hidden_size
     fit = json.loads((tiny_world["teacher_init"] / "alignment.json").read_text())
     assert fit["squared_error"] < fit["first_step_squared_error"]
+
+
+def test_pixel_cache_rows_equal_the_processors_own(tiny_world):
+    """Each image is processed once per processor settings; a cached row equals a fresh batch's."""
+    import json
+
+    from PIL import Image
+
+    from data_prep.standins import PixelCache
+
+    processor = AutoProcessor.from_pretrained(tiny_world["vision_tower"])  # the image processor itself
+    root = tiny_world["data"] / "images"
+    names = [json.loads(line)["image"] for line in (tiny_world["data"] / "scenes" / "train.jsonl").read_text()
+             .splitlines()][:5]
+    cache = PixelCache(root)
+    first = cache(processor, names[:3])
+    again = cache(processor, [names[4], names[0], names[4]])
+    fresh = processor([Image.open(root / n).convert("RGB") for n in names], return_tensors="pt")["pixel_values"]
+    assert torch.equal(first, fresh[:3])
+    assert torch.equal(again, fresh[[4, 0, 4]])
+    assert len(cache._tables) == 1 and len(next(iter(cache._tables.values()))) == 4
