@@ -46,6 +46,7 @@ for step in ${STEPS:-prof_base base liger ours_base ours_liger compile vision pr
     d2s_compile) CAP=150 WORKLOAD=$D2S TORCH_LOGS=recompiles run d2s_compile 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels compile;;
     d2s_liger_compile) CAP=150 WORKLOAD=$D2S TORCH_LOGS=recompiles run d2s_liger_compile 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels liger compile;;
     d2s_mb12) CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress;;
+    d2s_mb12_exp) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_exp 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress;;  # is the stall the allocator's (retries near the card's limit)?
     d2s_prof) WORKLOAD=$D2S run d2s_prof 60 --variant bare --steps 3 --warmup 3 --profile /tmp/prof_d2s --profile-no-trace; cp /tmp/prof_d2s/summary.md $OUT/prof_d2s_summary.md;;
     prof_liger) run prof_liger 50 --variant bare --steps 3 --warmup 3 --kernels liger --profile /tmp/prof_liger --profile-no-trace; cp /tmp/prof_liger/summary.md $OUT/prof_liger_summary.md;;
   esac
