@@ -1344,7 +1344,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         "params_teacher_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
         "peak_gib": peak_gib, "reserved_gib": reserved_gib, "peak_flops": peak, "first_loss": state.get("first_loss"),
         "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else None,
-        "timed_steps": len(timed),
+        "timed_steps": len(timed), "recompile_limit": torch._dynamo.config.recompile_limit,
     })
     if clock.graph_marks:  # graphs compiled by the end of each step; after the warm-up = recompilations
         row["compiled_graphs"] = clock.graph_marks[-1]
@@ -1498,6 +1498,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
                    "retries to stderr, and every Python thread's stack every --stack-every seconds and on SIGTERM "
                    "(`timeout`): to find where a run stalls; not for timed rows")
     p.add_argument("--stack-every", type=float, default=60.0, help="--progress: seconds between stack dumps")
+    p.add_argument("--recompile-limit", type=int, default=None, help="torch._dynamo's recompile limit per function "
+                   "(torch's default 8; past it the function runs uncompiled, flex attention as dense math)")
     p.add_argument("--chunk", type=int, default=None, help="KD chunk size (default: the stage's KDConfig)")
     p.add_argument("--kd-autocast", action="store_true", help="ours/bare D2D/D2S: run chunked_kd_loss under bf16 "
                    "autocast (the Trainer autocasts only the model's forward; measures that fix)")
@@ -1578,6 +1580,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.progress:  # a stalled run says where it is: periodically, and when `timeout` stops it
         faulthandler.dump_traceback_later(args.stack_every, repeat=True)
         faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    if args.recompile_limit is not None:
+        torch._dynamo.config.recompile_limit = args.recompile_limit
     row = run_once(args)
     if args.header:
         print(HEADER)  # noqa: T201
