@@ -23,6 +23,7 @@ run() {  # name, min seconds needed, args...
   timeout $cap $BASE ${WORKLOAD:-$D2D} "$@" > /tmp/$name.out 2> /tmp/$name.err
   echo "rc=$? $(( $(date +%s) - t )) s"; grep '^|' /tmp/$name.out; grep -v '^{' /tmp/$name.out | grep -v '^|' | tail -3
   grep -ci "recompil" /tmp/$name.err | sed 's/^/recompile log lines: /'; grep -iv "USDT\|warn" /tmp/$name.err | tail -4
+  ( cd /tmp && tar czf "$OUT/logs.tgz" ./*.out ./*.err 2>/dev/null )  # after every step: a lease cut short keeps them
 }
 for step in ${STEPS:-prof_base base liger ours_base ours_liger compile vision prof_liger}; do
   case $step in
