@@ -103,6 +103,27 @@ def resolve_attn_implementation(requested: str) -> str:
     return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
 
 
+FLEX_RECOMPILE_LIMIT = 64
+"""TorchDynamo's recompile limit while a model attends with ``flex_attention`` (torch's default: 8). transformers
+compiles ``flex_attention`` and ``create_block_mask`` once for every process, and each model, grad mode, autocast
+state and (until they turn dynamic) shape adds an entry: on CPU, 20 packed D2S batches of the tiny student and
+teacher, forward only, already made 6 entries of each. Past the limit Dynamo runs the function uncompiled, and
+flex attention uncompiled is dense math over the whole packed row (its memory quadratic in the row's length)."""
+
+
+def use_attn_implementation(model: PreTrainedModel, requested: str) -> str:
+    """Set ``model``'s attention (vision tower and LLM alike) to ``resolve_attn_implementation(requested)``; for
+    ``flex_attention`` raise Dynamo's recompile limit to at least ``FLEX_RECOMPILE_LIMIT``. Returns the name set."""
+    attn = resolve_attn_implementation(requested)
+    model.set_attn_implementation(attn)
+    if attn == "flex_attention" and torch._dynamo.config.recompile_limit < FLEX_RECOMPILE_LIMIT:
+        log.info("flex_attention: TorchDynamo's recompile limit %d -> %d (each model and grad mode compiles its own "
+                 "flex attention; past the limit it would run uncompiled)", torch._dynamo.config.recompile_limit,
+                 FLEX_RECOMPILE_LIMIT)
+        torch._dynamo.config.recompile_limit = FLEX_RECOMPILE_LIMIT
+    return attn
+
+
 def build_student(
     parts: StudentParts, dtype: torch.dtype = torch.float32
 ) -> tuple[LlavaForConditionalGeneration, ProcessorMixin]:

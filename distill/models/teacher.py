@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from distill.models.student import load_vlm, resolve_attn_implementation
+from distill.models.student import load_vlm, use_attn_implementation
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
@@ -33,5 +33,5 @@ def load_teacher(
     """Load a frozen teacher and its processor from a local folder."""
     model, processor = load_vlm(path, dtype=dtype)
     # Set after loading (on the vision tower and the LLM alike): load_vlm keeps transformers' default, sdpa.
-    model.set_attn_implementation(resolve_attn_implementation(attn_implementation))
+    use_attn_implementation(model, attn_implementation)
     return freeze(model), processor

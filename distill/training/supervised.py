@@ -15,7 +15,7 @@ from distill.data.collate import ConversationEncoder, SupervisedCollator, check_
 from distill.data.formats import load_llava_json
 from distill.data.templates import default_chat_template, get_template
 from distill.losses.ce import response_ce
-from distill.models.student import build_student, load_vlm, resolve_attn_implementation
+from distill.models.student import build_student, load_vlm, use_attn_implementation
 from distill.models.trainable import LoraSpec, apply_trainability, merge_lora, parameter_table
 from distill.training.config import MODEL_DTYPES, DataConfig, ModelInit, Trainability
 from distill.training.context import StageContext
@@ -37,7 +37,7 @@ def load_model(init: ModelInit, kernels: bool = True) -> tuple[PreTrainedModel, 
         model, processor = load_vlm(init.artifact, dtype=dtype)
     else:
         model, processor = build_student(init.parts, dtype=dtype)
-    model.set_attn_implementation(resolve_attn_implementation(init.attn_implementation))
+    use_attn_implementation(model, init.attn_implementation)
     if kernels:
         apply_kernels(model, init.kernels)
     return model, processor

@@ -49,9 +49,9 @@ for step in ${STEPS:-prof_base base liger ours_base ours_liger compile vision pr
     d2s_compile_gmm) CAP=150 WORKLOAD=$D2S TORCH_LOGS=recompiles run d2s_compile_gmm 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels compile --experts grouped_mm;;  # no host read per MoE layer, so no graph break there
     d2s_phases) WORKLOAD=$D2S run d2s_phases 50 --variant bare --phases --steps 6 --warmup 3;;
     d2s_liger_compile) CAP=150 WORKLOAD=$D2S TORCH_LOGS=recompiles run d2s_liger_compile 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels liger compile;;
-    d2s_mb12) TORCH_LOGS=recompiles CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress;;
-    d2s_mb12_lim) TORCH_LOGS=recompiles CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_lim 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --recompile-limit 64;;  # is the stall flex attention run uncompiled past dynamo's recompile limit?
-    d2s_mb12_exp) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_exp 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress;;  # is the stall the allocator's (retries near the card's limit)?
+    d2s_mb12) TORCH_LOGS=recompiles CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --recompile-limit 8;;  # torch's default limit: the stall as first seen
+    d2s_mb12_lim) TORCH_LOGS=recompiles CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_lim 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress;;  # the stages' limit with flex attention (64): was the stall flex attention run uncompiled past torch's 8?
+    d2s_mb12_exp) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_exp 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --recompile-limit 8;;  # is the stall the allocator's (retries near the card's limit)?
     d2s_prof) WORKLOAD=$D2S run d2s_prof 60 --variant bare --steps 3 --warmup 3 --profile /tmp/prof_d2s --profile-no-trace; cp /tmp/prof_d2s/summary.md $OUT/prof_d2s_summary.md;;
     prof_liger) run prof_liger 50 --variant bare --steps 3 --warmup 3 --kernels liger --profile /tmp/prof_liger --profile-no-trace; cp /tmp/prof_liger/summary.md $OUT/prof_liger_summary.md;;
   esac

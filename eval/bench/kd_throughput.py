@@ -341,6 +341,7 @@ def build_models(stage: str, student_size: str, tiny: bool, text_only: bool, dev
     from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration, set_seed
 
     from distill.models.experts import set_experts_implementation
+    from distill.models.student import use_attn_implementation
     from distill.models.teacher import freeze
     from distill.models.trainable import apply_trainability
     from distill.stages.sparse_imitation import SPARSE_TRAINABLE
@@ -367,7 +368,7 @@ def build_models(stage: str, student_size: str, tiny: bool, text_only: bool, dev
     student.float()
     freeze(teacher)
     for model in (student, teacher):
-        model.set_attn_implementation(attn)
+        use_attn_implementation(model, attn)
     if moe is not None:  # the MoE experts' forward: ``experts`` or the D2S stage's default
         set_experts_implementation(student, experts or stage_defaults(stage)["experts_implementation"])
     if text_only:
@@ -1292,6 +1293,8 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     teacher_dtype = torch.bfloat16 if bf16 else torch.float32
     student, teacher, top_k = build_models(args.stage, args.student, args.tiny, text_only, device, attn,
                                            teacher_dtype, args.experts)
+    if args.recompile_limit is not None:  # after the models: flex attention raises the limit as the stages do
+        torch._dynamo.config.recompile_limit = args.recompile_limit
     apply_savers(student, args.savers)
     s_spec, t_spec = flop_spec(student, top_k), flop_spec(teacher, 0)
     if args.teacher_fp8:
@@ -1499,7 +1502,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
                    "(`timeout`): to find where a run stalls; not for timed rows")
     p.add_argument("--stack-every", type=float, default=60.0, help="--progress: seconds between stack dumps")
     p.add_argument("--recompile-limit", type=int, default=None, help="torch._dynamo's recompile limit per function "
-                   "(torch's default 8; past it the function runs uncompiled, flex attention as dense math)")
+                   "(default: the stages' own, at least 64 with flex attention; torch's is 8; past it the function "
+                   "runs uncompiled, flex attention as dense math)")
     p.add_argument("--chunk", type=int, default=None, help="KD chunk size (default: the stage's KDConfig)")
     p.add_argument("--kd-autocast", action="store_true", help="ours/bare D2D/D2S: run chunked_kd_loss under bf16 "
                    "autocast (the Trainer autocasts only the model's forward; measures that fix)")
@@ -1580,8 +1584,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.progress:  # a stalled run says where it is: periodically, and when `timeout` stops it
         faulthandler.dump_traceback_later(args.stack_every, repeat=True)
         faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
-    if args.recompile_limit is not None:
-        torch._dynamo.config.recompile_limit = args.recompile_limit
     row = run_once(args)
     if args.header:
         print(HEADER)  # noqa: T201

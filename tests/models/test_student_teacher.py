@@ -90,3 +90,15 @@ def test_siglip_tower_student(tiny_world, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(**inputs).logits, loaded.eval()(**inputs).logits)
     assert type(loaded_proc.image_processor).__name__.startswith("Siglip")
+
+
+@pytest.mark.parametrize("attn, limit", [("sdpa", 8), ("flex_attention", 64)])
+def test_flex_attention_raises_the_recompile_limit(tiny_world, tmp_path, attn, limit):
+    """Each model and grad mode compiles its own flex attention; past Dynamo's limit (torch's default 8) it would
+    run uncompiled, as dense math over the whole packed row. Loading a flex-attention model raises the limit."""
+    model, processor = build_student(StudentParts(str(tiny_world["vision_tower"]), str(tiny_world["llm_small"])))
+    save_artifact(model, processor, tmp_path / "teacher")
+    with torch._dynamo.config.patch(recompile_limit=8):
+        teacher, _ = load_teacher(tmp_path / "teacher", attn_implementation=attn)
+        assert teacher.config.get_text_config()._attn_implementation == attn
+        assert torch._dynamo.config.recompile_limit == limit
