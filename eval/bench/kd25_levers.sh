@@ -52,6 +52,9 @@ for step in ${STEPS:-prof_base base liger ours_base ours_liger compile vision pr
     d2s_mb12) TORCH_LOGS=recompiles CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --recompile-limit 8;;  # torch's default limit: the stall as first seen
     d2s_mb12_lim) TORCH_LOGS=recompiles CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_lim 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress;;  # the stages' limit with flex attention (64); H200 2026-12-07: no recompiles, the time goes to compiling the teacher's block mask
     d2s_mb12_long) TORCH_LOGS=recompiles CAP=580 WORKLOAD=$D2S run d2s_mb12_long 300 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --stack-every 120;;  # how long the block mask's first compile takes, and what follows it
+    d2s_mb12_bm) TORCH_LOGS=recompiles CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_bm 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --block-mask;;  # the block mask from the records' boundaries: no compile of transformers' mask
+    d2s_bm) WORKLOAD=$D2S run d2s_bm 60 --variant ours --steps 6 --warmup 3 --workers 8 --block-mask;;
+    ours_bm) run ours_bm 60 --variant ours --steps 6 --warmup 3 --workers 8 --block-mask;;
     d2s_mb12_exp) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_exp 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --recompile-limit 8;;  # is the stall the allocator's (retries near the card's limit)?
     d2s_prof) WORKLOAD=$D2S run d2s_prof 60 --variant bare --steps 3 --warmup 3 --profile /tmp/prof_d2s --profile-no-trace; cp /tmp/prof_d2s/summary.md $OUT/prof_d2s_summary.md;;
     prof_liger) run prof_liger 50 --variant bare --steps 3 --warmup 3 --kernels liger --profile /tmp/prof_liger --profile-no-trace; cp /tmp/prof_liger/summary.md $OUT/prof_liger_summary.md;;

@@ -1239,7 +1239,7 @@ def base_row(args: argparse.Namespace, device_name: str) -> dict[str, Any]:
             "steps": args.steps, "warmup": args.warmup, "device": device_name, "attn": args.attn,
             "grad_ckpt": args.grad_ckpt, "experts": args.experts, "pad": args.pad, "tiny": args.tiny,
             "kd_autocast": args.kd_autocast, "packing": args.packing, "kernels": args.kernels,
-            "savers": list(args.savers),
+            "savers": list(args.savers), "block_mask": args.block_mask,
             "trl_mode": ("loop" if args.trl_loop else "trainer") if args.variant == "trl_gkd" else None,
             "date": time.strftime("%Y-%m-%d %H:%M"), "status": "ok"}
 
@@ -1293,6 +1293,11 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     teacher_dtype = torch.bfloat16 if bf16 else torch.float32
     student, teacher, top_k = build_models(args.stage, args.student, args.tiny, text_only, device, attn,
                                            teacher_dtype, args.experts)
+    if args.block_mask:
+        from distill.training.blockmask import use_packed_block_masks
+
+        for model in (student, teacher):
+            use_packed_block_masks(model)
     if args.recompile_limit is not None:  # after the models: flex attention raises the limit as the stages do
         torch._dynamo.config.recompile_limit = args.recompile_limit
     apply_savers(student, args.savers)
@@ -1501,6 +1506,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
                    "retries to stderr, and every Python thread's stack every --stack-every seconds and on SIGTERM "
                    "(`timeout`): to find where a run stalls; not for timed rows")
     p.add_argument("--stack-every", type=float, default=60.0, help="--progress: seconds between stack dumps")
+    p.add_argument("--block-mask", action="store_true", help="packed flex attention: each packed row's block mask "
+                   "from its records' boundaries (distill.training.blockmask), not transformers' compiled one")
     p.add_argument("--recompile-limit", type=int, default=None, help="torch._dynamo's recompile limit per function "
                    "(default: the stages' own, at least 64 with flex attention; torch's is 8; past it the function "
                    "runs uncompiled, flex attention as dense math)")

@@ -1,0 +1,105 @@
+"""packed_block_mask gives the blocks and mask that transformers' create_block_mask gives a packed row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+from distill.training.blockmask import packed_block_mask, record_ids
+
+
+def _positions(lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+
+
+def _layout(mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """[q blocks, kv blocks] booleans: partial blocks, full blocks."""
+    def dense(num, idx):
+        num, idx = num[0, 0], idx[0, 0]
+        out = torch.zeros(idx.shape[0], idx.shape[1], dtype=torch.bool)
+        for row in range(idx.shape[0]):
+            out[row, idx[row, :num[row]].long()] = True
+        return out
+    return dense(mask.kv_num_blocks, mask.kv_indices), dense(mask.full_kv_num_blocks, mask.full_kv_indices)
+
+
+LENGTHS = [[300], [128, 128, 256], [5, 7, 200, 1, 90, 400], [1000, 24], [127, 129, 50], [64] * 9, [256]]
+
+
+@pytest.mark.parametrize("lengths", LENGTHS)
+@pytest.mark.parametrize("block", [128, 64])
+def test_same_blocks_as_create_block_mask(lengths, block):
+    pos = _positions(lengths)
+    doc = record_ids(pos)
+    assert doc.tolist() == [i for i, n in enumerate(lengths) for _ in range(n)]
+
+    def reference_mod(b, h, q, k):
+        return (k <= q) & (doc[q] == doc[k])
+
+    n = pos.shape[1]
+    want = create_block_mask(reference_mod, 1, None, n, n, device="cpu", BLOCK_SIZE=block)
+    got = packed_block_mask(pos, block_size=block)
+    for mine, ref in zip(_layout(got), _layout(want), strict=True):
+        assert torch.equal(mine, ref)
+    assert got.seq_lengths == (n, n)
+    assert torch.equal(got.to_dense(), want.to_dense())
+
+
+def test_rejects_a_padded_batch():
+    with pytest.raises(ValueError, match="one packed row"):
+        packed_block_mask(torch.arange(6).view(2, 3))
+
+
+def test_same_logits_as_transformers_own_mask():
+    """A packed row through a flex-attention LLM: the given mask, the one transformers builds (no cache: with one
+    it would build a plain causal mask) and each record on its own agree."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = Qwen2ForCausalLM(cfg).eval()
+    lengths = [40, 150, 3, 70]
+    pos = _positions(lengths)
+    ids = torch.randint(0, 64, pos.shape)
+    with torch.no_grad():
+        model.set_attn_implementation("flex_attention")
+        own = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        given = model(input_ids=ids, position_ids=pos, attention_mask=packed_block_mask(pos), use_cache=False).logits
+        model.set_attn_implementation("sdpa")
+        alone = torch.cat([model(input_ids=part, use_cache=False).logits
+                           for part in ids.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(given, own)
+    torch.testing.assert_close(given, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_the_hook_masks_packed_rows_only():
+    from distill.training.blockmask import use_packed_block_masks
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, input_ids, position_ids=None, attention_mask=None):
+            seen.append(attention_mask)
+            return input_ids
+
+    probe = Probe()
+    handle = use_packed_block_masks(probe)
+    pos = _positions([3, 200])
+    probe(input_ids=torch.zeros_like(pos), position_ids=pos)
+    padded_mask = torch.ones(2, 5)
+    probe(input_ids=torch.zeros(2, 5), attention_mask=padded_mask)
+    probe(input_ids=torch.zeros(1, 5))
+    handle.remove()
+    probe(input_ids=torch.zeros_like(pos), position_ids=pos)
+    assert torch.equal(seen[0].to_dense(), packed_block_mask(pos).to_dense())
+    assert seen[1] is padded_mask and seen[2] is None and seen[3] is None
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    sdpa = Qwen2ForCausalLM(Qwen2Config(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    sdpa.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="flex attention's"):
+        use_packed_block_masks(sdpa)
