@@ -529,7 +529,7 @@ def _pack(out: dict[str, Any]) -> dict[str, Any]:
     packed["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     # The image inputs stay as they are: every supported model scatters its image features into the image-token
     # positions in order over the whole batch, so one row takes the same images. (3-D rope models are refused at
-    # stage start: ``check_packing``.)
+    # stage start: ``prepare_packing``.)
     packed.update({k: v for k, v in out.items() if k not in TEXT_KEYS and k != "labels"})
     return packed
 

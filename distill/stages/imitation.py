@@ -23,7 +23,7 @@ from distill.models.trainable import parameter_table
 from distill.training.config import DataConfig, ModelInit, Trainability, as_dataclass, check_precision
 from distill.training.context import StageContext
 from distill.training.kd import KDConfig, KDLoss, TeacherConfig, open_teacher
-from distill.training.supervised import check_packing, fit_data, load_conversations, load_model, set_trainable, train
+from distill.training.supervised import fit_data, load_conversations, load_model, prepare_packing, set_trainable, train
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def run(cfg: ImitationConfig, ctx: StageContext) -> dict[str, Any]:
     model, processor = load_model(cfg.model)
     default_chat_template(processor, cfg.data.template)
     teacher, teacher_processor = open_teacher(cfg.teacher, cfg.kd, cfg.data.template, cfg.data.max_length)
-    check_packing(cfg.data.packing, model, teacher)
+    prepare_packing(cfg.data, model, teacher)
     set_trainable(model, cfg.model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(cfg.data, ctx.cache_base)

@@ -27,7 +27,7 @@ from distill.training.context import StageContext
 from distill.training.kd import KDConfig, TeacherConfig, open_teacher
 from distill.training.kernels import apply_kernels
 from distill.training.moe import RouterRecorder, SparseKDLoss, write_load_heatmap
-from distill.training.supervised import check_packing, fit_data, load_conversations, load_model, set_trainable, train
+from distill.training.supervised import fit_data, load_conversations, load_model, prepare_packing, set_trainable, train
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def run(cfg: SparseImitationConfig, ctx: StageContext) -> dict[str, Any]:
     set_experts_implementation(model, cfg.experts_implementation)
     total, active = parameter_counts(model, cfg.upcycle.top_k)
     teacher, teacher_processor = open_teacher(cfg.teacher, cfg.kd, cfg.data.template, cfg.data.max_length)
-    check_packing(cfg.data.packing, model, teacher)
+    prepare_packing(cfg.data, model, teacher)
     set_trainable(model, cfg.model, cfg.trainable.modes, cfg.trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(cfg.data, ctx.cache_base)

@@ -6,10 +6,11 @@ transformers builds the mask itself in every forward: ``create_block_mask(..., _
 such compile for a 10k-token row (D2S at micro-batch 12) was still in Triton's code generation after 250 s
 (BENCHMARKS.md). A causal mask inside each record needs none of that: whether a 128 x 128 block is empty, full or
 partial follows from the records that the block's queries and keys belong to, a few operations on ``[blocks]``
-tensors. Pass the result as the model's ``attention_mask`` (transformers uses a given ``BlockMask`` as it is).
+tensors. transformers uses a given ``BlockMask`` as it is.
 
-    from distill.training.blockmask import packed_block_mask
-    model(input_ids=ids, position_ids=pos, attention_mask=packed_block_mask(pos))
+    from distill.training.blockmask import packed_block_mask, use_packed_block_masks
+    llm(input_ids=ids, position_ids=pos, attention_mask=packed_block_mask(pos))  # a text model, by hand
+    use_packed_block_masks(vlm)  # or for every packed row a model's text decoder sees (data.packing_block_mask)
 
 The same blocks and mask function as ``create_block_mask`` (test: equal block layouts, equal logits).
 """
@@ -80,11 +81,32 @@ def _add_block_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple
     return args, {**kwargs, "attention_mask": packed_block_mask(pos)}
 
 
-def use_packed_block_masks(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Give ``model`` (a flex-attention model fed packed rows) ``packed_block_mask`` for every packed row it is
-    called with, in place of the mask transformers would compile; returns the hook's handle."""
+def block_mask_refusal(model: torch.nn.Module) -> str | None:
+    """Why ``packed_block_mask`` cannot stand in for the mask ``model``'s text layers would build (None: it can).
+    It is a causal mask inside each record, so every text layer must attend that way, through flex attention."""
     config = getattr(model, "config", None)
-    attn = config.get_text_config()._attn_implementation if config is not None else "flex_attention"
-    if attn != "flex_attention":
-        raise ValueError(f"packed block masks are flex attention's; this model attends with {attn!r}")
-    return model.register_forward_pre_hook(_add_block_mask, with_kwargs=True)
+    if config is None:
+        return None
+    text = config.get_text_config()
+    if text._attn_implementation != "flex_attention":
+        return f"it attends with {text._attn_implementation!r}; packed block masks are flex attention's"
+    kinds = getattr(text, "layer_types", None)  # where a config has them, they decide (Qwen2-MoE keeps a window of 0)
+    if kinds is not None and set(kinds) != {"full_attention"}:
+        return f"its text layers attend as {sorted(set(kinds))}"
+    if kinds is None and getattr(text, "sliding_window", None):
+        return f"its text layers attend through a sliding window ({text.sliding_window} tokens)"
+    if getattr(text, "attention_chunk_size", None) or getattr(text, "use_bidirectional_attention", False):
+        return "its text layers do not attend causally over the whole record"
+    return None
+
+
+def use_packed_block_masks(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Give ``model``'s text decoder ``packed_block_mask`` for every packed row it is called with and no mask, in
+    place of the mask transformers would compile; returns the hook's handle. The hook sits on the decoder
+    (``get_decoder()``), not on the whole model: a model that builds a mask of its own for its text layers (an
+    image's tokens attending to each other, a prefix) hands that mask down, and the hook leaves it alone."""
+    refusal = block_mask_refusal(model)
+    if refusal is not None:
+        raise ValueError(f"packed block masks: {type(model).__name__} cannot use them: {refusal}")
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return decoder.register_forward_pre_hook(_add_block_mask, with_kwargs=True)

@@ -42,6 +42,11 @@ class DataConfig:
     """Concatenate each micro-batch's records into one row without padding (per-record ``position_ids``; attention
     stays inside each record). Same loss as padded batches; pays off where padding is a large share of the batch and
     the attention kernel skips the masked blocks (``flex_attention``, ``flash_attention_2``)."""
+    packing_block_mask: bool = True
+    """With ``packing`` and ``flex_attention``: build each packed row's flex block mask from its records' boundaries
+    (``distill.training.blockmask``, a few tensor operations, exact) instead of the one transformers compiles in
+    every forward (the first compile for a 10k-token row ran for minutes on an H200). Models whose text layers
+    attend through a sliding window or chunks keep transformers' mask; false: every model keeps it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.train, str):

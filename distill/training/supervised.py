@@ -17,6 +17,7 @@ from distill.data.templates import default_chat_template, get_template
 from distill.losses.ce import response_ce
 from distill.models.student import build_student, load_vlm, use_attn_implementation
 from distill.models.trainable import LoraSpec, apply_trainability, merge_lora, parameter_table
+from distill.training.blockmask import block_mask_refusal, use_packed_block_masks
 from distill.training.config import MODEL_DTYPES, DataConfig, ModelInit, Trainability
 from distill.training.context import StageContext
 from distill.training.distributed import save_final
@@ -65,17 +66,29 @@ def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return cast
 
 
-def check_packing(packing: bool, *models: Any) -> None:
+def prepare_packing(data: DataConfig, *models: Any) -> None:
     """``data.packing`` gives each record 1-D position ids restarting at 0; a model that computes 3-D rope positions
-    from its image grids (Qwen2-VL's ``get_rope_index``) would lose them, so it is refused before any work."""
-    if not packing:
+    from its image grids (Qwen2-VL's ``get_rope_index``) would lose them, so it is refused before any work. Each
+    flex-attention model that can take it gets the packed rows' block mask built without a compile
+    (``data.packing_block_mask``)."""
+    if not data.packing:
         return
+    models = [m for m in models if isinstance(m, torch.nn.Module)]  # a teacher cache is no model
     for model in models:
-        if model is None or not isinstance(model, torch.nn.Module):
-            continue
         if hasattr(model, "get_rope_index") or hasattr(getattr(model, "model", None), "get_rope_index"):
             raise ValueError(f"data.packing: {type(model).__name__} computes multimodal (3-D) rope positions, "
                              "which a packed row's per-record 1-D positions cannot carry; set data.packing=false")
+    for model in models:
+        if model.config.get_text_config()._attn_implementation != "flex_attention" or not data.packing_block_mask:
+            continue
+        refusal = block_mask_refusal(model)
+        if refusal is None:
+            use_packed_block_masks(model)
+            log.info("data.packing_block_mask: %s's packed rows get block masks built from their records' "
+                     "boundaries (no compile)", type(model).__name__)
+        else:
+            log.info("data.packing_block_mask: %s keeps transformers' compiled mask: %s", type(model).__name__,
+                     refusal)
 
 
 def data_cache(data: DataConfig, cache_base: str | Path | None) -> Path | None:
@@ -179,7 +192,7 @@ def supervised_stage(
     modes = trainable.modes
     if init.parts is not None and init.parts.modality_experts is not None:  # new visual experts: open them
         modes = init.parts.modality_experts.trainable_modes(modes)
-    check_packing(data.packing, model)
+    prepare_packing(data, model)
     set_trainable(model, init, modes, trainable.lora)
     log.info("%s trainable parameters:\n%s", ctx.name, parameter_table(model))
     dataset, stats = load_conversations(data, ctx.cache_base)

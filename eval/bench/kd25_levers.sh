@@ -20,7 +20,7 @@ run() {  # name, min seconds needed, args...
   echo "=== $name: $* (left $l s, $(date -u +%H:%M:%S))"
   local t=$(date +%s)
   local cap=$(( l - 5 )); [ -n "$CAP" ] && [ $CAP -lt $cap ] && cap=$CAP
-  timeout $cap $BASE ${WORKLOAD:-$D2D} "$@" > /tmp/$name.out 2> /tmp/$name.err
+  timeout -k 10 $cap $BASE ${WORKLOAD:-$D2D} "$@" > /tmp/$name.out 2> /tmp/$name.err
   echo "rc=$? $(( $(date +%s) - t )) s"; grep '^|' /tmp/$name.out; grep -v '^{' /tmp/$name.out | grep -v '^|' | tail -3
   grep -ci "recompil" /tmp/$name.err | sed 's/^/recompile log lines: /'; grep -iv "USDT\|warn" /tmp/$name.err | tail -4
   ( cd /tmp && tar czf "$OUT/logs.tgz" ./*.out ./*.err 2>/dev/null )  # after every step: a lease cut short keeps them
@@ -54,6 +54,7 @@ for step in ${STEPS:-prof_base base liger ours_base ours_liger compile vision pr
     d2s_mb12_long) TORCH_LOGS=recompiles CAP=580 WORKLOAD=$D2S run d2s_mb12_long 300 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --stack-every 120;;  # how long the block mask's first compile takes, and what follows it
     d2s_mb12_bm) TORCH_LOGS=recompiles CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_bm 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --block-mask;;  # the block mask from the records' boundaries: no compile of transformers' mask
     d2s_bm) WORKLOAD=$D2S run d2s_bm 60 --variant ours --steps 6 --warmup 3 --workers 8 --block-mask;;
+    ours_compile_bm) CAP=150 TORCH_LOGS=recompiles run ours_compile_bm 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels compile --block-mask;;
     ours_bm) run ours_bm 60 --variant ours --steps 6 --warmup 3 --workers 8 --block-mask;;
     d2s_mb12_exp) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_exp 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --recompile-limit 8;;  # is the stall the allocator's (retries near the card's limit)?
     d2s_prof) WORKLOAD=$D2S run d2s_prof 60 --variant bare --steps 3 --warmup 3 --profile /tmp/prof_d2s --profile-no-trace; cp /tmp/prof_d2s/summary.md $OUT/prof_d2s_summary.md;;

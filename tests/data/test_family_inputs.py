@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +24,9 @@ from distill.data.templates import get_template
 from distill.models.student import load_vlm
 from distill.models.teacher import freeze
 from distill.stages.preference import reference_logps
+from distill.training.blockmask import block_mask_refusal
 from distill.training.kd import KDConfig, KDLoss
+from distill.training.supervised import prepare_packing
 
 CONVERSATION = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"},
                 {"from": "human", "value": "And how many shapes?"}, {"from": "gpt", "value": "three shapes"}]
@@ -109,15 +112,51 @@ def test_mixed_sizes_several_images_and_kd(families, tiny_world, images, name):
     assert ref.shape == (3,) and torch.isfinite(ref).all() and (ref < 0).all()
 
 
-def test_packing_is_refused_for_3d_rope_models(families, tiny_world):
-    from distill.training.supervised import check_packing
+def _packing(block_mask: bool = True) -> SimpleNamespace:
+    return SimpleNamespace(packing=True, packing_block_mask=block_mask)  # the DataConfig fields prepare_packing reads
 
+
+def test_packing_is_refused_for_3d_rope_models(families, tiny_world):
     qwen, _ = load_vlm(_family(families, tiny_world, "qwen2_vl"))
     llava, _ = load_vlm(_family(families, tiny_world, "llava"))
-    check_packing(True, llava)
-    check_packing(False, qwen)
+    prepare_packing(_packing(), llava)
+    prepare_packing(SimpleNamespace(packing=False), qwen)
     with pytest.raises(ValueError, match="3-D"):
-        check_packing(True, llava, qwen)
+        prepare_packing(_packing(), llava, qwen)
+
+
+SLOW_FLEX = {"gemma3", "idefics3", "internvl"}  # 20-40 s each on CPU: inductor compiles flex for their shapes
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FLEX else n
+                                  for n in sorted(FAMILIES)])
+def test_packed_block_masks_give_transformers_own_logits(families, tiny_world, images, name):
+    """data.packing_block_mask: a family whose text layers attend causally over each whole record gets the mask built
+    from the records' boundaries, and its packed logits are those of transformers' own mask; a family with sliding
+    or otherwise different text attention keeps transformers' mask (no hook)."""
+    model, processor = load_vlm(_family(families, tiny_world, name))
+    if hasattr(model.model, "get_rope_index"):
+        pytest.skip("3-D rope positions: packing is refused (test above)")
+    model.eval()
+    model.set_attn_implementation({"text_config": "flex_attention"})  # the tower stays sdpa: no CPU compile for it
+    text = {"id": "text", "conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "hi"}]}
+    records = [{"id": "r1", "image": "a.png", "conversations": CONVERSATION}, text,
+               {"id": "r2", "image": "b.png", "conversations": CONVERSATION[:2]}]
+    batch = SupervisedCollator(_encoder(processor), images, packed=True)(records)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        own = model(**inputs, use_cache=False).logits
+        hooks = len(model.get_decoder()._forward_pre_hooks)
+        prepare_packing(_packing(), model)
+        given = model(**inputs, use_cache=False).logits
+    installed = len(model.get_decoder()._forward_pre_hooks) - hooks
+    refusal = block_mask_refusal(model)
+    assert installed == (refusal is None), refusal
+    torch.testing.assert_close(given, own, rtol=1e-4, atol=1e-5)
+    if refusal is None:  # and the mask does separate the records: the same row without position ids differs
+        leaky = {k: v for k, v in inputs.items() if k != "position_ids"}
+        with torch.no_grad():
+            assert not torch.allclose(model(**leaky, use_cache=False).logits, own, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

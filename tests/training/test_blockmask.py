@@ -103,3 +103,40 @@ def test_the_hook_masks_packed_rows_only():
     sdpa.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="flex attention's"):
         use_packed_block_masks(sdpa)
+
+
+def _hooks(model) -> int:
+    return len(model.get_decoder()._forward_pre_hooks)
+
+
+def test_prepare_packing_hooks_the_flex_models_that_take_it(tiny_artifacts):
+    """The stages' entry (``prepare_packing``): flex-attention models get the hook on their text decoder, the
+    upcycled MoE student included (its Qwen2-MoE config keeps a sliding window of 0 with full-attention layers);
+    SDPA models, a sliding-window LLM, a teacher cache and ``packing_block_mask=false`` do not."""
+    from types import SimpleNamespace
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from distill.models.student import load_vlm
+    from distill.models.upcycle import UpcycleConfig, upcycle
+    from distill.training.blockmask import block_mask_refusal
+    from distill.training.supervised import prepare_packing
+
+    on, off = SimpleNamespace(packing=True, packing_block_mask=True), SimpleNamespace(packing=True,
+                                                                                       packing_block_mask=False)
+    dense, _ = load_vlm(tiny_artifacts / "student")
+    moe = upcycle(load_vlm(tiny_artifacts / "student")[0], UpcycleConfig(num_experts=4, top_k=2, layers="all"))
+    sdpa, _ = load_vlm(tiny_artifacts / "teacher")
+    sliding = MistralForCausalLM(MistralConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, sliding_window=16))
+    for model in (dense, moe, sliding):
+        model.set_attn_implementation("flex_attention")
+    sdpa.set_attn_implementation("sdpa")
+    assert block_mask_refusal(moe) is None and "sliding window" in block_mask_refusal(sliding)
+
+    prepare_packing(off, dense)
+    assert _hooks(dense) == 0
+    prepare_packing(on, dense, moe, sdpa, sliding, object())  # object(): a teacher cache is no model
+    assert (_hooks(dense), _hooks(moe), _hooks(sdpa), _hooks(sliding)) == (1, 1, 0, 0)
+    prepare_packing(SimpleNamespace(packing=False), sdpa)
+    assert _hooks(sdpa) == 0
