@@ -140,3 +140,27 @@ def test_prepare_packing_hooks_the_flex_models_that_take_it(tiny_artifacts):
     assert (_hooks(dense), _hooks(moe), _hooks(sdpa), _hooks(sliding)) == (1, 1, 0, 0)
     prepare_packing(SimpleNamespace(packing=False), sdpa)
     assert _hooks(sdpa) == 0
+
+
+def test_with_the_hook_transformers_builds_no_mask(monkeypatch):
+    """The point of the hook: transformers' ``create_block_mask`` (compiled, minutes for a long row's first compile
+    on a GPU) is never called for a packed row; without the hook it is."""
+    import transformers.masking_utils as masking
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from distill.training.blockmask import use_packed_block_masks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("transformers built the block mask")
+
+    monkeypatch.setattr(masking, "create_block_mask", refuse)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    model.set_attn_implementation("flex_attention")
+    pos = _positions([30, 50])
+    ids = torch.randint(0, 32, pos.shape)
+    with torch.no_grad(), pytest.raises(AssertionError, match="transformers built"):
+        model(input_ids=ids, position_ids=pos, use_cache=False)
+    use_packed_block_masks(model)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, position_ids=pos, use_cache=False).logits).all()
