@@ -53,6 +53,7 @@ for step in ${STEPS:-prof_base base liger ours_base ours_liger compile vision pr
     d2s_mb12_lim) TORCH_LOGS=recompiles CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_lim 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress;;  # the stages' limit with flex attention (64); H200 2026-12-07: no recompiles, the time goes to compiling the teacher's block mask
     d2s_mb12_long) TORCH_LOGS=recompiles CAP=580 WORKLOAD=$D2S run d2s_mb12_long 300 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --stack-every 120;;  # how long the block mask's first compile takes, and what follows it
     d2s_mb12_bm) TORCH_LOGS=recompiles CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_bm 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --block-mask;;  # the block mask from the records' boundaries: no compile of transformers' mask
+    d2s_mb12_row) WORKLOAD=$D2S run d2s_mb12_row 120 --variant ours --steps 6 --warmup 3 --workers 8 --micro-batch 12 --block-mask;;  # the micro-batch-12 D2S row through the Trainer, its two compile steps in the warm-up
     d2s_bm) WORKLOAD=$D2S run d2s_bm 60 --variant ours --steps 6 --warmup 3 --workers 8 --block-mask;;
     ours_compile_bm) CAP=150 TORCH_LOGS=recompiles run ours_compile_bm 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels compile --block-mask;;
     ours_bm) run ours_bm 60 --variant ours --steps 6 --warmup 3 --workers 8 --block-mask;;
