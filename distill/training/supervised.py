@@ -78,9 +78,11 @@ def prepare_packing(data: DataConfig, *models: Any) -> None:
         if hasattr(model, "get_rope_index") or hasattr(getattr(model, "model", None), "get_rope_index"):
             raise ValueError(f"data.packing: {type(model).__name__} computes multimodal (3-D) rope positions, "
                              "which a packed row's per-record 1-D positions cannot carry; set data.packing=false")
+    if not data.packing_block_mask:
+        return
     for model in models:
-        if model.config.get_text_config()._attn_implementation != "flex_attention" or not data.packing_block_mask:
-            continue
+        if model.config.get_text_config()._attn_implementation != "flex_attention":
+            continue  # no block masks to build
         refusal = block_mask_refusal(model)
         if refusal is None:
             use_packed_block_masks(model)
