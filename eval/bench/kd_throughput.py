@@ -1293,11 +1293,12 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     teacher_dtype = torch.bfloat16 if bf16 else torch.float32
     student, teacher, top_k = build_models(args.stage, args.student, args.tiny, text_only, device, attn,
                                            teacher_dtype, args.experts)
-    if args.block_mask:
-        from distill.training.blockmask import use_packed_block_masks
+    if args.packing:  # the stages' own step, with the mask opt-in here so rows stay comparable with earlier ones
+        from types import SimpleNamespace
 
-        for model in (student, teacher):
-            use_packed_block_masks(model)
+        from distill.training.supervised import prepare_packing
+
+        prepare_packing(SimpleNamespace(packing=True, packing_block_mask=args.block_mask), student, teacher)
     if args.recompile_limit is not None:  # after the models: flex attention raises the limit as the stages do
         torch._dynamo.config.recompile_limit = args.recompile_limit
     apply_savers(student, args.savers)
@@ -1507,7 +1508,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
                    "(`timeout`): to find where a run stalls; not for timed rows")
     p.add_argument("--stack-every", type=float, default=60.0, help="--progress: seconds between stack dumps")
     p.add_argument("--block-mask", action="store_true", help="packed flex attention: each packed row's block mask "
-                   "from its records' boundaries (distill.training.blockmask), not transformers' compiled one")
+                   "from its records' boundaries (data.packing_block_mask, the stages' default), not transformers' "
+                   "compiled one")
     p.add_argument("--recompile-limit", type=int, default=None, help="torch._dynamo's recompile limit per function "
                    "(default: the stages' own, at least 64 with flex attention; torch's is 8; past it the function "
                    "runs uncompiled, flex attention as dense math)")
@@ -1552,6 +1554,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     args = p.parse_args(argv)
     if args.packing and (args.variant not in ("ours", "bare") or args.stage == "preference"):
         p.error("--packing: only for the ours and bare variants of d2d and d2s (naive and TRL pad by definition)")
+    if args.block_mask and not (args.packing and args.attn == "flex_attention"):
+        p.error("--block-mask: flex attention's mask of packed rows (--packing --attn flex_attention)")
     if args.phases and (args.variant != "bare" or args.tiny):
         p.error("--phases: only for the bare variant on a GPU (CUDA events)")
     if args.workers is None:
