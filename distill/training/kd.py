@@ -217,12 +217,24 @@ def last_hidden(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torc
     """The final (normed) hidden states, without the [tokens, vocab] logits.
 
     Through the wrapper's forward (DDP needs it to reduce the gradients), except for a ZeRO-3 engine: the loss
-    already runs as that engine's forward (``run_in_forward``), so its backbone is called directly.
+    already runs as that engine's forward (``run_in_forward``), so its backbone is called directly. The text
+    decoder's output is taken by a forward hook on it rather than with ``output_hidden_states=True``: that flag
+    makes transformers install output-capturing hooks on every decoder layer and attention module, which read a
+    ``ContextVar`` (a graph break inside each compiled layer, ``kernels: [compile]``) and keep every layer's
+    hidden states until the forward returns (the teacher's, under no_grad, otherwise freed layer by layer).
     """
     if is_zero3_engine(model):
         return unwrap(model).base_model(**inputs, use_cache=False).last_hidden_state
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    return out.hidden_states[-1]
+    captured = []
+    hook = unwrap(model).get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"last_hidden: the text decoder of {type(unwrap(model)).__name__} ran {len(captured)} "
+                           "times in one forward; expected once")
+    return captured[0]
 
 
 class KDLoss:

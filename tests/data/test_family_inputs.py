@@ -25,7 +25,8 @@ from distill.models.student import load_vlm
 from distill.models.teacher import freeze
 from distill.stages.preference import reference_logps
 from distill.training.blockmask import block_mask_refusal
-from distill.training.kd import KDConfig, KDLoss
+from distill.training.kd import KDConfig, KDLoss, last_hidden
+from distill.training.kernels import decoder_layers
 from distill.training.supervised import prepare_packing
 
 CONVERSATION = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"},
@@ -79,9 +80,18 @@ def test_inputs_equal_the_processors_own(families, tiny_world, images, name):
         assert torch.equal(ours[key], theirs[key]), key
     trained = processor.tokenizer.decode(ours["input_ids"][0][ours["labels"][0] != IGNORE_INDEX])
     assert "red" in trained and "three shapes" in trained and "colour" not in trained and "how many" not in trained
+    inputs = {k: v for k, v in ours.items() if k != "labels"}
+    head_input = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _o: head_input.append(args[0]))
     with torch.no_grad():
-        logits = model(**{k: v for k, v in ours.items() if k != "labels"}).logits
+        logits = model(**inputs).logits
+        hook.remove()
+        hidden = last_hidden(model, inputs)  # what the KD and preference losses apply the head to
     assert torch.isfinite(logits).all()
+    torch.testing.assert_close(hidden, head_input[0], rtol=0, atol=0)
+    # and without transformers' output-capturing hooks in the text layers (a graph break in each compiled layer)
+    assert not any(layer._forward_hooks for layer in decoder_layers(model))
+    assert not any(m._forward_hooks for m in model.get_decoder().modules())
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
