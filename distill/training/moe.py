@@ -6,6 +6,7 @@ so hooks on each MoE layer's router record its logits during the student's forwa
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -21,39 +22,47 @@ from distill.training.kd import KDConfig, KDLoss
 
 
 class RouterRecorder:
-    """Keeps the router logits of the latest forward pass, one [tokens, E] tensor per MoE layer."""
+    """Keeps the router logits of the latest forward pass, one [tokens, E] tensor per MoE layer.
+
+    Each router's forward hook stores its logits on the router module itself, under this recorder's own attribute
+    name (a model may have several recorders: the loss's and the expert-load callback's). Inside a compiled decoder
+    layer (``kernels: [compile]``) the hook is traced, and torch.compile guards on what it reads: a layer number
+    in the hook, or the length of a shared list or dict, would differ from layer to layer and recompile the layer
+    for each one (past the recompile limit, the rest ran uncompiled). The attribute is the same in every layer.
+    A recomputation under gradient checkpointing overwrites a layer's entry, as a new forward does.
+    """
+
+    _count = itertools.count()
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.blocks = moe_blocks(model)
         if not self.blocks:
             raise ValueError("the model has no MoE layers to record")
-        self.logits: dict[int, torch.Tensor] = {}
-        self.handles = [block.gate.register_forward_hook(self._hook(i)) for i, block in self.blocks]
+        self.slot = f"_distill_router_logits_{next(self._count)}"
+        self.handles = [block.gate.register_forward_hook(self._record) for _, block in self.blocks]
 
-    def _hook(self, layer: int):
-        def hook(_module, _inputs, output):
-            self.logits[layer] = output[0]  # routers return (logits, top-k weights, top-k indices)
+    def _record(self, gate: torch.nn.Module, _inputs, output) -> None:
+        setattr(gate, self.slot, output[0])  # routers return (logits, top-k weights, top-k indices)
 
-        return hook
+    def _pop(self) -> dict[int, torch.Tensor]:
+        return {i: block.gate.__dict__.pop(self.slot) for i, block in self.blocks if self.slot in block.gate.__dict__}
 
     def take(self) -> list[torch.Tensor]:
-        out = [self.logits[i] for i, _ in self.blocks if i in self.logits]
-        self.logits = {}
-        return out
+        return list(self._pop().values())
 
     def take_valid(self, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
         """As ``take``, each layer's logits cut to the real (non-padding) tokens its router saw. Behind modality
         experts a router sees only the text rows, so the padding mask is lined up with those rows first."""
+        logits = self._pop()
         if attention_mask is None:
-            return self.take()
+            return list(logits.values())
         masks = dict(zip((i for i, _ in self.blocks), router_token_masks(self.blocks, attention_mask), strict=True))
-        out = [x[masks[i].to(x.device)] for i, x in ((i, self.logits[i]) for i, _ in self.blocks if i in self.logits)]
-        self.logits = {}
-        return out
+        return [x[masks[i].to(x.device)] for i, x in logits.items()]
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self._pop()
 
 
 def router_share(labels: torch.Tensor, num_items_in_batch: Any, normalise: str) -> torch.Tensor | float:

@@ -56,6 +56,7 @@ for step in ${STEPS:-prof_base base liger ours_base ours_liger compile vision pr
     d2s_mb12_row) WORKLOAD=$D2S run d2s_mb12_row 120 --variant ours --steps 6 --warmup 3 --workers 8 --micro-batch 12 --block-mask;;  # the micro-batch-12 D2S row through the Trainer, its two compile steps in the warm-up
     d2s_bm) WORKLOAD=$D2S run d2s_bm 60 --variant ours --steps 6 --warmup 3 --workers 8 --block-mask;;
     ours_compile_bm) CAP=150 TORCH_LOGS=recompiles run ours_compile_bm 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels compile --block-mask;;
+    d2s_compile_bm) CAP=150 WORKLOAD=$D2S TORCH_LOGS=recompiles run d2s_compile_bm 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels compile --block-mask;;
     ours_bm) run ours_bm 60 --variant ours --steps 6 --warmup 3 --workers 8 --block-mask;;
     d2s_mb12_exp) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_exp 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --recompile-limit 8;;  # is the stall the allocator's (retries near the card's limit)?
     d2s_prof) WORKLOAD=$D2S run d2s_prof 60 --variant bare --steps 3 --warmup 3 --profile /tmp/prof_d2s --profile-no-trace; cp /tmp/prof_d2s/summary.md $OUT/prof_d2s_summary.md;;

@@ -85,3 +85,57 @@ def test_stages_apply_the_configured_kernels(tiny_artifacts, monkeypatch):
     monkeypatch.setattr(supervised, "apply_kernels", lambda model, kernels: calls.append((type(model), kernels)))
     model, _ = supervised.load_model(ModelInit(artifact=str(tiny_artifacts / "student"), kernels=["compile"]))
     assert calls == [(type(model), ["compile"])]
+
+
+def _compiled_graphs(model, inputs, recorder=None) -> tuple[int, list[torch.Tensor], torch.Tensor]:
+    """Compile each decoder layer as ``kernels: [compile]`` does (on CPU, with a backend that only counts the
+    graphs dynamo hands it), run a forward and backward; the graphs, the recorded router logits, a router's grad."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, _example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for layer in decoder_layers(model):
+        layer.compile(backend=counting, dynamic=True)
+    out = model(**inputs, use_cache=False).logits
+    logits = recorder.take() if recorder is not None else []
+    (out.float().pow(2).mean() + sum(x.float().pow(2).mean() for x in logits)).backward()
+    gate = decoder_layers(model)[-1].mlp.gate
+    return len(graphs), logits, gate.weight.grad
+
+
+def test_compiled_moe_layers_record_router_logits_without_a_graph_per_layer():
+    """The router-logit hooks run inside the compiled layers: they must not make dynamo compile each layer apart
+    (it guards on what a hook reads; past its recompile limit the layers ran uncompiled), and what they record
+    (values and gradients) is what the uncompiled model records."""
+    import copy
+
+    from distill.models.upcycle import UpcycleConfig, upcycle
+    from distill.training.moe import RouterRecorder
+
+    text = LLMSize(num_hidden_layers=10).qwen2_config(vocab_size=96)
+    base = LlavaForConditionalGeneration(LlavaConfig(vision_config=VisionSize().clip_vision_config(),
+                                                     text_config=text, image_token_index=95))
+    torch.manual_seed(0)
+    moe = upcycle(base, UpcycleConfig(num_experts=4, top_k=2, layers="all"))
+    inputs = {"input_ids": torch.randint(0, 90, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+
+    eager = copy.deepcopy(moe)
+    recorder = RouterRecorder(eager)
+    out = eager(**inputs, use_cache=False).logits  # the reference, uncompiled
+    ref_logits = recorder.take()
+    (out.float().pow(2).mean() + sum(x.float().pow(2).mean() for x in ref_logits)).backward()
+    ref_grad = decoder_layers(eager)[-1].mlp.gate.weight.grad
+
+    bare_graphs, _, _ = _compiled_graphs(copy.deepcopy(moe), inputs)
+    compiled = copy.deepcopy(moe)
+    graphs, logits, grad = _compiled_graphs(compiled, inputs, RouterRecorder(compiled))
+    assert graphs == bare_graphs < len(decoder_layers(moe))
+    assert len(logits) == len(ref_logits) == 10
+    for got, want in zip(logits, ref_logits, strict=True):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, ref_grad)
