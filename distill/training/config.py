@@ -98,7 +98,7 @@ class ModelInit:
             value = getattr(self, name)
             if value is not None and value not in MODEL_DTYPES:
                 raise ValueError(f"model.{name}={value!r}: expected one of {sorted(MODEL_DTYPES)}")
-        self.kernels = check_kernels(self.kernels, "model.kernels")
+        self.kernels = check_kernels(self.kernels, "model.kernels", self.attn_implementation)
         if isinstance(self.parts, dict):
             self.parts = StudentParts(**self.parts)
         if (self.artifact is None) == (self.parts is None):

@@ -118,7 +118,7 @@ class TeacherConfig:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"teacher.attn_implementation={self.attn_implementation!r}: expected one of "
                              f"{ATTN_IMPLEMENTATIONS}")
-        self.kernels = check_kernels(self.kernels, "teacher.kernels")
+        self.kernels = check_kernels(self.kernels, "teacher.kernels", self.attn_implementation)
         if self.kernels and self.cache is not None:
             raise ValueError("teacher.kernels applies to a live teacher (teacher.path), not to a teacher cache")
 

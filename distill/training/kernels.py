@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 KERNELS = ("liger", "compile")
 
 
-def check_kernels(kernels: Sequence[str], where: str) -> list[str]:
-    """``kernels`` as a list of known, distinct names (``where`` names the setting in the message)."""
+def check_kernels(kernels: Sequence[str], where: str, attn_implementation: str | None = None) -> list[str]:
+    """``kernels`` as a list of known, distinct names (``where`` names the setting in the message) that can run
+    with the model's ``attn_implementation``."""
     if isinstance(kernels, str):
         kernels = [kernels] if kernels else []
     kernels = list(kernels)
@@ -45,6 +46,10 @@ def check_kernels(kernels: Sequence[str], where: str) -> list[str]:
         raise ValueError(f"{where}={kernels}: unknown {unknown}; expected a list of {KERNELS} (or [])")
     if len(set(kernels)) != len(kernels):
         raise ValueError(f"{where}={kernels}: each kernel at most once")
+    if {"liger", "compile"} <= set(kernels) and attn_implementation == "flex_attention":
+        raise ValueError(f"{where}={kernels} with flex attention: inductor fails to compile the text model's flex "
+                         "attention behind liger's RoPE (H100, torch 2.11: a LoweringException in flex_attention; "
+                         "BENCHMARKS.md). Use one of the two; compile alone was the faster one.")
     return kernels
 
 
@@ -99,7 +104,8 @@ def compile_layers(model: torch.nn.Module) -> int:
 def apply_kernels(model: torch.nn.Module, kernels: Sequence[str]) -> dict[str, int]:
     """Apply ``kernels`` (see the module docstring) to ``model`` in place, liger first; returns what each one
     touched (modules replaced, layers compiled). ``[]``: nothing."""
-    kernels = check_kernels(kernels, "kernels")
+    attn = getattr(model.config.get_text_config(), "_attn_implementation", None) if hasattr(model, "config") else None
+    kernels = check_kernels(kernels, "kernels", attn)
     done: dict[str, int] = {}
     if "liger" in kernels:
         done["liger"] = apply_liger(model)

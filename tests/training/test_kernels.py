@@ -139,3 +139,16 @@ def test_compiled_moe_layers_record_router_logits_without_a_graph_per_layer():
     for got, want in zip(logits, ref_logits, strict=True):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(grad, ref_grad)
+
+
+def test_liger_with_compile_is_refused_under_flex_attention(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the refusal comes before anything is applied
+    model = tiny_llava()
+    model.set_attn_implementation({"text_config": "flex_attention"})
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"liger', 'compile'\] with flex attention"):
+        apply_kernels(model, ["liger", "compile"])
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    with pytest.raises(ValueError, match="model.kernels=.* with flex attention"):  # and at the config's start
+        check_kernels(["compile", "liger"], "model.kernels", "flex_attention")
+    assert check_kernels(["compile", "liger"], "model.kernels", "sdpa") == ["compile", "liger"]
