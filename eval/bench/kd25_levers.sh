@@ -54,6 +54,9 @@ for step in ${STEPS:-prof_base base liger ours_base ours_liger compile vision pr
     d2s_bm) WORKLOAD=$D2S run d2s_bm 60 --variant ours --steps 6 --warmup 3 --workers 8 --block-mask;;
     ours_compile_bm) CAP=150 TORCH_LOGS=recompiles run ours_compile_bm 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels compile --block-mask;;
     d2s_compile_bm) CAP=150 WORKLOAD=$D2S TORCH_LOGS=recompiles run d2s_compile_bm 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels compile --block-mask;;
+    d2s_compile_gmm_bm) CAP=150 WORKLOAD=$D2S TORCH_LOGS=recompiles run d2s_compile_gmm_bm 100 --variant ours --steps 6 --warmup 3 --workers 8 --kernels compile --experts grouped_mm --block-mask;;  # grouped_mm once more: its 2026-12-07 row compiled each MoE layer apart (the router hook), past the limit eager
+    d2s_mb12_compile) CAP=170 WORKLOAD=$D2S TORCH_LOGS=recompiles run d2s_mb12_compile 110 --variant ours --steps 6 --warmup 3 --workers 8 --micro-batch 12 --kernels compile --block-mask;;
+    compile_prof) TORCH_LOGS=recompiles run compile_prof 90 --variant bare --steps 3 --warmup 3 --kernels compile --block-mask --profile /tmp/prof_c --profile-no-trace; cp /tmp/prof_c/summary.md $OUT/prof_compile_summary.md; cp /tmp/prof_c/ops.txt $OUT/prof_compile_ops.txt;;  # where the compiled D2D step's time goes
     ours_bm) run ours_bm 60 --variant ours --steps 6 --warmup 3 --workers 8 --block-mask;;
     d2s_mb12_exp) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CAP=${CAP12:-120} WORKLOAD=$D2S run d2s_mb12_exp 60 --variant bare --steps 3 --warmup 1 --micro-batch 12 --progress --recompile-limit 8;;  # is the stall the allocator's (retries near the card's limit)?
     d2s_prof) WORKLOAD=$D2S run d2s_prof 60 --variant bare --steps 3 --warmup 3 --profile /tmp/prof_d2s --profile-no-trace; cp /tmp/prof_d2s/summary.md $OUT/prof_d2s_summary.md;;
