@@ -152,3 +152,42 @@ def test_liger_with_compile_is_refused_under_flex_attention(monkeypatch):
     with pytest.raises(ValueError, match="model.kernels=.* with flex attention"):  # and at the config's start
         check_kernels(["compile", "liger"], "model.kernels", "flex_attention")
     assert check_kernels(["compile", "liger"], "model.kernels", "sdpa") == ["compile", "liger"]
+
+
+def test_compiled_kd_step_has_no_graph_breaks(tiny_artifacts, tiny_world):
+    """The D2D loss with every decoder layer of both models compiled (``kernels: [compile]``; on CPU with a
+    counting backend): Dynamo traces each layer whole, in one graph per model and grad mode, and the loss is the
+    uncompiled one. (Before: transformers' output-capturing hooks, installed by ``output_hidden_states=True``,
+    broke every layer at a ContextVar read.)"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from distill.data.formats import load_llava_json
+    from distill.models.student import load_vlm
+    from distill.stages.imitation import build_collator
+    from distill.training.config import DataConfig
+    from distill.training.kd import KDConfig, KDLoss
+
+    student, processor = load_vlm(tiny_artifacts / "student")
+    teacher, teacher_processor = load_vlm(tiny_artifacts / "teacher")
+    records = load_llava_json(tiny_world["data"] / "instruct.json", tiny_world["images"])[0].select(range(3))
+    data = DataConfig(train=[str(tiny_world["data"] / "instruct.json")], image_root=str(tiny_world["images"]))
+    batch = build_collator(data, KDConfig(), processor, teacher_processor)(list(records))
+    loss_fn = KDLoss(teacher.eval(), KDConfig(), alpha=0.5)
+    want = loss_fn(student, batch, None)[0].detach()
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def counting(gm, _example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for layer in decoder_layers(student) + decoder_layers(teacher):
+        layer.compile(backend=counting, dynamic=True)
+    loss = loss_fn(student, batch, None)[0]
+    loss.backward()
+    assert dict(counters["graph_break"]) == {}
+    assert len(graphs) == 2  # the student's layer (grad, autocast state) and the teacher's (no_grad)
+    torch.testing.assert_close(loss.detach(), want)
