@@ -130,6 +130,11 @@ def test_compiled_moe_layers_record_router_logits_without_a_graph_per_layer():
     ref_logits = recorder.take()
     (out.float().pow(2).mean() + sum(x.float().pow(2).mean() for x in ref_logits)).backward()
     ref_grad = decoder_layers(eager)[-1].mlp.gate.weight.grad
+    with torch.no_grad():
+        eager(**inputs, use_cache=False)
+    recorder.remove()  # the recorder's entries go with it: nothing of it is left on the model
+    assert not any(recorder.slot in vars(layer.mlp.gate) for layer in decoder_layers(eager))
+    assert not any(layer.mlp.gate._forward_hooks for layer in decoder_layers(eager))
 
     bare_graphs, _, _ = _compiled_graphs(copy.deepcopy(moe), inputs)
     compiled = copy.deepcopy(moe)
