@@ -19,7 +19,8 @@ Settings (``model.kernels`` for the student, ``teacher.kernels`` for the teacher
   for all layers of one shape, reused; the packed batches' varying lengths are symbolic, so they do not recompile).
 
 Both need a CUDA device (liger's kernels are Triton kernels); on a machine without one, or without the package,
-``apply_kernels`` raises with what is missing. ``[]`` changes nothing.
+``apply_kernels`` raises with what is missing. The two together are refused with flex attention (inductor failed to
+compile it behind liger's RoPE). ``[]`` changes nothing.
 """
 
 from __future__ import annotations
