@@ -87,9 +87,9 @@ def test_stages_apply_the_configured_kernels(tiny_artifacts, monkeypatch):
     assert calls == [(type(model), ["compile"])]
 
 
-def _compiled_graphs(model, inputs, recorder=None) -> tuple[int, list[torch.Tensor], torch.Tensor]:
-    """Compile each decoder layer as ``kernels: [compile]`` does (on CPU, with a backend that only counts the
-    graphs dynamo hands it), run a forward and backward; the graphs, the recorded router logits, a router's grad."""
+def _compile_counting(layers: list[torch.nn.Module]) -> list:
+    """Compile ``layers`` as ``kernels: [compile]`` does (``dynamic=True``), on CPU with a backend that only records
+    the graphs Dynamo hands it (no inductor); returns that list, filled as the layers first run."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -99,8 +99,15 @@ def _compiled_graphs(model, inputs, recorder=None) -> tuple[int, list[torch.Tens
         graphs.append(gm)
         return gm.forward
 
-    for layer in decoder_layers(model):
+    for layer in layers:
         layer.compile(backend=counting, dynamic=True)
+    return graphs
+
+
+def _compiled_graphs(model, inputs, recorder=None) -> tuple[int, list[torch.Tensor], torch.Tensor]:
+    """Compile each decoder layer (``_compile_counting``), run a forward and backward; the number of graphs, the
+    recorded router logits, a router's grad."""
+    graphs = _compile_counting(decoder_layers(model))
     out = model(**inputs, use_cache=False).logits
     logits = recorder.take() if recorder is not None else []
     (out.float().pow(2).mean() + sum(x.float().pow(2).mean() for x in logits)).backward()
@@ -164,7 +171,6 @@ def test_compiled_kd_step_has_no_graph_breaks(tiny_artifacts, tiny_world):
     counting backend): Dynamo traces each layer whole, in one graph per model and grad mode, and the loss is the
     uncompiled one. (Before: transformers' output-capturing hooks, installed by ``output_hidden_states=True``,
     broke every layer at a ContextVar read.)"""
-    import torch._dynamo
     from torch._dynamo.utils import counters
 
     from distill.data.formats import load_llava_json
@@ -181,16 +187,8 @@ def test_compiled_kd_step_has_no_graph_breaks(tiny_artifacts, tiny_world):
     loss_fn = KDLoss(teacher.eval(), KDConfig(), alpha=0.5)
     want = loss_fn(student, batch, None)[0].detach()
 
-    torch._dynamo.reset()
     counters.clear()
-    graphs = []
-
-    def counting(gm, _example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    for layer in decoder_layers(student) + decoder_layers(teacher):
-        layer.compile(backend=counting, dynamic=True)
+    graphs = _compile_counting(decoder_layers(student) + decoder_layers(teacher))
     loss = loss_fn(student, batch, None)[0]
     loss.backward()
     assert dict(counters["graph_break"]) == {}
