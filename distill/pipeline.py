@@ -31,6 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
@@ -126,20 +127,34 @@ def stage_config(cfg: DictConfig, name: str) -> DictConfig:
     return block
 
 
-def check_stages(plans: list[Any], blocks: dict[str, DictConfig], run_dir: Path) -> None:
+def check_stages(plans: list[Any], blocks: dict[str, DictConfig], run_dir: Path) -> list[str]:
     """Build every stage config that will run, before the first runs: a bad setting in a late stage is reported
-    now, not after hours of earlier stages. Inputs that earlier stages will write count as present."""
+    now, not after hours of earlier stages. Inputs that earlier stages will write count as present. Returns the
+    settings that need a CUDA GPU when this machine has none (``run.plan`` shows them; a run stops on them)."""
     to_run = [p.name for p in plans if p.action != "skip"]
-    errors = []
+    errors, gpu_only = [], []
     with pending(run_dir / name for name in to_run):
         for name in to_run:
             try:
-                instantiate(blocks[name], _convert_="all")
+                stage = instantiate(blocks[name], _convert_="all")
             except Exception as err:  # hydra wraps the config's own error; report that one
                 cause = err.__cause__ or err
                 errors.append(f"stages.{name}: {type(cause).__name__}: {cause}")
+                continue
+            gpu_only += [f"stages.{name}.{s}" for s in gpu_only_settings(stage)]
     if errors:
         raise ValueError("invalid stage settings; nothing was run:\n  " + "\n  ".join(errors))
+    return gpu_only if not torch.cuda.is_available() else []
+
+
+def gpu_only_settings(stage: Any) -> list[str]:
+    """The stage's settings that run only on a CUDA GPU: the student's and the teacher's ``kernels``."""
+    found = []
+    for part in ("model", "teacher"):
+        kernels = getattr(getattr(stage, part, None), "kernels", None)
+        if kernels:
+            found.append(f"{part}.kernels={list(kernels)}")
+    return found
 
 
 def _plan_file(run_dir: Path) -> Path:
@@ -156,7 +171,12 @@ def _plan_on_main(cfg: DictConfig, order: list[str], blocks: dict[str, DictConfi
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         plans = make_plan(cfg, order, blocks)
-        check_stages(plans, blocks, run_dir)
+        gpu_only = check_stages(plans, blocks, run_dir)
+        if gpu_only:
+            where = f"{', '.join(gpu_only)}: need a CUDA GPU, and this machine has none"
+            if not cfg.run.get("plan", False):
+                raise ValueError(f"{where}; nothing was run (leave kernels empty on CPU)")
+            log.warning("%s; a run here would stop before its first stage", where)
         if cfg.run.get("plan", False):
             print(format_plan(plans))  # noqa: T201 (the plan is the command's output)
             return None

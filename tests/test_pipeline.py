@@ -50,6 +50,27 @@ def test_every_stage_is_checked_before_the_first_runs(tmp_path, tiny_recipe):
         run_pipeline(_cfg(tmp_path, tiny_recipe, "stages.teacher.data.train=[/nowhere.json]"))
 
 
+def test_gpu_only_settings_stop_a_cpu_run_before_any_work(tmp_path, tiny_recipe, monkeypatch, caplog):
+    """The GPU preset (``+speed=gpu``: packed flex attention, compiled layers) composes over a recipe; on a machine
+    without CUDA a run stops before its first stage and names each setting, while ``run.plan`` (a login node
+    checking a recipe) warns and shows the plan."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cfg = _cfg(tmp_path, tiny_recipe, "+speed=gpu")
+    for stage in ("d2d", "d2s"):
+        block = cfg.stages[stage]
+        assert block.data.packing and block.model.kernels == block.teacher.kernels == ["compile"]
+        assert block.model.attn_implementation == block.teacher.attn_implementation == "flex_attention"
+    assert not cfg.stages.preference.get("data", {}).get("packing", False)  # preference pads
+    with pytest.raises(ValueError, match=r"stages\.d2d\.model\.kernels=\['compile'\].*stages\.d2s\.teacher\.kernels="
+                                         r"\['compile'\]: need a CUDA GPU.*nothing was run"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "world").exists()
+    run_pipeline(_cfg(tmp_path, tiny_recipe, "+speed=gpu", "run.plan=true"))
+    assert "need a CUDA GPU" in caplog.text and not (tmp_path / "world").exists()
+    run_pipeline(_cfg(tmp_path, tiny_recipe, "pipeline=[world]", "+speed=gpu", "run.plan=true"))  # no d2d: no warning
+    assert caplog.text.count("need a CUDA GPU") == 1
+
+
 def test_cli_runs_the_demo_recipe_end_to_end(tmp_path, tiny_recipe):
     """The real entry point, in a subprocess, on tiny models: every stage finishes and the table is printed."""
     cmd = [sys.executable, "-m", "distill", "recipe=demo", f"run.dir={tmp_path}", *tiny_recipe]
