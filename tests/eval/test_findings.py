@@ -62,6 +62,7 @@ def test_findings_recipe_gives_every_line_the_same_budget():
     assert all(stages[k]["teacher"]["path"] == cfg.teacher_model for k in ("d2d", "d2s", "preference", "dense"))
 
 
+@pytest.mark.slow  # 46-60 s on the 2-core CI machine: the default suite's largest test, near its 10-minute budget
 def test_findings_driver_runs_a_tiny_world_end_to_end(tmp_path, tiny_recipe, capsys):
     tiny = [o for o in tiny_recipe if not o.startswith("stages.eval.")]
     main(["--dir", str(tmp_path), "--seeds", "0", "--", "trainer=cpu", "trainer.report_to=none", "stages.eval.limit=4",
