@@ -130,7 +130,9 @@ def stage_config(cfg: DictConfig, name: str) -> DictConfig:
 def check_stages(plans: list[Any], blocks: dict[str, DictConfig], run_dir: Path) -> list[str]:
     """Build every stage config that will run, before the first runs: a bad setting in a late stage is reported
     now, not after hours of earlier stages. Inputs that earlier stages will write count as present. Returns the
-    settings that need a CUDA GPU when this machine has none (``run.plan`` shows them; a run stops on them)."""
+    settings that need a CUDA GPU in stages that would train on the CPU: this machine has no CUDA device, or the
+    stage sets ``training.use_cpu`` (``run.plan`` shows them; a run stops on them)."""
+    no_cuda = not torch.cuda.is_available()
     to_run = [p.name for p in plans if p.action != "skip"]
     errors, gpu_only = [], []
     with pending(run_dir / name for name in to_run):
@@ -141,10 +143,11 @@ def check_stages(plans: list[Any], blocks: dict[str, DictConfig], run_dir: Path)
                 cause = err.__cause__ or err
                 errors.append(f"stages.{name}: {type(cause).__name__}: {cause}")
                 continue
-            gpu_only += [f"stages.{name}.{s}" for s in gpu_only_settings(stage)]
+            if no_cuda or blocks[name].get("training", {}).get("use_cpu", False):
+                gpu_only += [f"stages.{name}.{s}" for s in gpu_only_settings(stage)]
     if errors:
         raise ValueError("invalid stage settings; nothing was run:\n  " + "\n  ".join(errors))
-    return gpu_only if not torch.cuda.is_available() else []
+    return gpu_only
 
 
 def gpu_only_settings(stage: Any) -> list[str]:
@@ -173,9 +176,10 @@ def _plan_on_main(cfg: DictConfig, order: list[str], blocks: dict[str, DictConfi
         plans = make_plan(cfg, order, blocks)
         gpu_only = check_stages(plans, blocks, run_dir)
         if gpu_only:
-            where = f"{', '.join(gpu_only)}: need a CUDA GPU, and this machine has none"
+            where = (f"{', '.join(gpu_only)}: need a CUDA GPU, and these stages would train on the CPU (no CUDA "
+                     "device here, or training.use_cpu)")
             if not cfg.run.get("plan", False):
-                raise ValueError(f"{where}; nothing was run (leave kernels empty on CPU)")
+                raise ValueError(f"{where}; nothing was run (set those kernels to [] for a CPU run)")
             log.warning("%s; a run here would stop before its first stage", where)
         if cfg.run.get("plan", False):
             print(format_plan(plans))  # noqa: T201 (the plan is the command's output)

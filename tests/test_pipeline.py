@@ -51,9 +51,9 @@ def test_every_stage_is_checked_before_the_first_runs(tmp_path, tiny_recipe):
 
 
 def test_gpu_only_settings_stop_a_cpu_run_before_any_work(tmp_path, tiny_recipe, monkeypatch, caplog):
-    """The GPU preset (``+speed=gpu``: packed flex attention, compiled layers) composes over a recipe; on a machine
-    without CUDA a run stops before its first stage and names each setting, while ``run.plan`` (a login node
-    checking a recipe) warns and shows the plan."""
+    """The GPU preset (``+speed=gpu``: packed flex attention, compiled layers) composes over a recipe; where a stage
+    would train on the CPU (no CUDA device, or ``training.use_cpu``) a run stops before its first stage and names
+    each setting, while ``run.plan`` (a login node checking a recipe) warns and shows the plan."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     cfg = _cfg(tmp_path, tiny_recipe, "+speed=gpu")
     for stage in ("d2d", "d2s"):
@@ -69,6 +69,12 @@ def test_gpu_only_settings_stop_a_cpu_run_before_any_work(tmp_path, tiny_recipe,
     assert "need a CUDA GPU" in caplog.text and not (tmp_path / "world").exists()
     run_pipeline(_cfg(tmp_path, tiny_recipe, "pipeline=[world]", "+speed=gpu", "run.plan=true"))  # no d2d: no warning
     assert caplog.text.count("need a CUDA GPU") == 1
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # a GPU machine, but the recipe trains on the CPU
+    with pytest.raises(ValueError, match=r"stages\.d2d\.model\.kernels=.*training\.use_cpu"):
+        run_pipeline(_cfg(tmp_path, tiny_recipe, "+speed=gpu"))
+    assert not (tmp_path / "world").exists()
+    run_pipeline(_cfg(tmp_path, tiny_recipe, "+speed=gpu", "trainer.use_cpu=false", "run.plan=true"))
+    assert caplog.text.count("need a CUDA GPU") == 1  # on the GPU: nothing to warn of
 
 
 def test_cli_runs_the_demo_recipe_end_to_end(tmp_path, tiny_recipe):
