@@ -108,3 +108,35 @@ def test_kd_loss_reads_nothing_back_from_the_gpu(tiny_world, tiny_artifacts):
         assert not syncs, syncs
         assert torch.isfinite(loss) and set(parts) == {"kd", "ce"}
         loss.backward()
+
+
+@pytest.mark.parametrize("stage", ["d2d", "d2s"])
+def test_speed_preset_trains_both_imitation_stages(stage, tiny_artifacts, tiny_world, tmp_path, monkeypatch):
+    """The settings of ``+speed=gpu`` (recipes/speed/gpu.yaml: packing, flex attention, compile on both models),
+    read from the preset itself, train D2D and the upcycled D2S through the stages, each model's layers compiled."""
+    from omegaconf import OmegaConf
+
+    from distill.cli import RECIPES
+    from distill.stages.imitation import ImitationConfig
+    from distill.stages.sparse_imitation import SparseImitationConfig
+    from distill.training import kernels as kernels_module
+    from distill.training.context import StageContext
+
+    preset = OmegaConf.to_container(OmegaConf.load(RECIPES / "speed" / "gpu.yaml").stages[stage])
+    compiled = []
+    real = kernels_module.compile_layers
+    monkeypatch.setattr(kernels_module, "compile_layers", lambda model: compiled.append(real(model)) or compiled[-1])
+    extra = {"upcycle": {"num_experts": 4, "top_k": 2, "layers": "every_other"}} if stage == "d2s" else {}
+    cls = SparseImitationConfig if stage == "d2s" else ImitationConfig
+    cfg = cls(
+        model={"artifact": str(tiny_artifacts / "student"), **preset["model"]},
+        teacher={"path": str(tiny_artifacts / "teacher"), **preset["teacher"]},
+        data={"train": [str(tiny_world["data"] / "instruct.json")], "image_root": str(tiny_world["images"]),
+              **preset["data"]},
+        training={"max_steps": 3, "per_device_train_batch_size": 8, "bf16": True, "report_to": "none",
+                  "save_strategy": "no", "logging_steps": 1, "learning_rate": 1e-3},
+        **extra,
+    )
+    metrics = cfg.run(StageContext(name=stage, run_dir=tmp_path, training=cfg.training))
+    assert metrics["global_step"] == 3 and torch.isfinite(torch.tensor(metrics["train_loss"]))
+    assert len(compiled) == 2 and all(n > 0 for n in compiled)  # the student's and the teacher's layers
